@@ -1,0 +1,3 @@
+from fulcrum.cli import main
+
+raise SystemExit(main())

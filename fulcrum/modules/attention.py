@@ -1,0 +1,154 @@
+"""Multi-head attention (MHA, GQA, MQA) with full-causal or sliding-window masks and a KV cache.
+
+Masks are derived from token positions: query at position p sees key at position q when
+`0 <= q <= p` and, for local attention, `p - q < window`. Position -1 marks an empty cache slot
+or padding, so the one rule serves training, left-padded batches, a full cache and a
+window-sized ring-buffer cache.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jaxtyping import Array, Bool, Float, Int
+
+from fulcrum.modules.layers import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, dense, rope
+
+
+class AttentionImpl(enum.StrEnum):
+  """How scores are computed. AUTO lets `jax.nn.dot_product_attention` pick per backend."""
+
+  AUTO = "auto"  # cuDNN fused attention on GPU where it applies, XLA elsewhere.
+  XLA = "xla"
+  CUDNN = "cudnn"
+  REFERENCE = "reference"  # Plain einsum + softmax; the test oracle.
+
+
+class KVCache(NamedTuple):
+  """Keys and values of past tokens for one attention layer.
+
+  A full cache has one slot per position up to the context limit; a local-attention cache is a
+  ring buffer of `window` slots (slot = position mod window).
+  """
+
+  k: Float[Array, "b s k e"]  # Keys, RoPE applied.
+  v: Float[Array, "b s k e"]
+  positions: Int[Array, "b s"]  # Position held in each slot; -1 = empty.
+  end_index: Int[Array, ""]  # Tokens written so far; the next slot is end_index mod s.
+
+  @classmethod
+  def init(cls, batch: int, size: int, num_kv_heads: int, head_dim: int,
+           dtype: jnp.dtype = jnp.float32) -> KVCache:
+    z = jnp.zeros((batch, size, num_kv_heads, head_dim), dtype)
+    return cls(z, z, jnp.full((batch, size), -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def attention_mask(q_pos: Int[Array, "b t"], k_pos: Int[Array, "b s"], window: int) -> Array:
+  """Boolean [b, 1, t, s] mask: causal by position, within `window` if window > 0."""
+  q, k = q_pos[:, None, :, None], k_pos[:, None, None, :]
+  mask = (k >= 0) & (k <= q)
+  if window:
+    mask &= q - k < window
+  return mask
+
+
+def reference_attention(q: Array, k: Array, v: Array, mask: Bool[Array, "b 1 t s"]) -> Array:
+  """softmax(q kᵀ / sqrt(e)) v in float32 with kv heads repeated for GQA/MQA."""
+  rep = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+  scores = jnp.einsum("bthe,bshe->bhts", q, k, preferred_element_type=jnp.float32)
+  scores = scores / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  # A query with no visible key (only padding rows) gets zeros, not a uniform average.
+  probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+  return jnp.einsum("bhts,bshe->bthe", probs, v.astype(jnp.float32)).astype(q.dtype)
+
+
+class Attention(nn.Module):
+  """Causal self-attention with rotary embeddings; MHA, GQA or MQA by `num_kv_heads`.
+
+  Attributes:
+    num_heads: query heads h.
+    num_kv_heads: key/value heads k (h % k == 0; 1 = MQA).
+    head_dim: per-head width e.
+    window: sliding-window size; 0 = full causal attention.
+  """
+
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  window: int = 0
+  rope_theta: float = 10000.0
+  impl: AttentionImpl = AttentionImpl.AUTO
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    x: Float[Array, "b t d"],
+    positions: Int[Array, "b t"] | None = None,
+    cache: KVCache | None = None,
+  ) -> tuple[Float[Array, "b t d"], KVCache | None]:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
+    h, k_heads, e = self.num_heads, self.num_kv_heads, self.head_dim
+    d = self.d_model
+    q = dense(d, (h, e), (EMBED, HEADS, HEAD_DIM), "q", **kw)(x)
+    k = dense(d, (k_heads, e), (EMBED, KV_HEADS, HEAD_DIM), "k", **kw)(x)
+    v = dense(d, (k_heads, e), (EMBED, KV_HEADS, HEAD_DIM), "v", **kw)(x)
+    implicit_positions = positions is None
+    if implicit_positions:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+    q = nn.with_logical_constraint(q, (BATCH, LENGTH, HEADS, HEAD_DIM))
+
+    if cache is None:
+      keys, values, k_pos = k, v, positions
+    else:
+      # Attend over the old cache plus the new tokens before writing, so a chunk longer than
+      # a ring buffer still sees every key inside its window.
+      keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
+      values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+      k_pos = jnp.concatenate([cache.positions, positions], axis=1)
+      cache = _write(cache, k, v, positions)
+
+    if self.impl == AttentionImpl.REFERENCE:
+      out = reference_attention(q, keys, values, attention_mask(positions, k_pos, self.window))
+    elif cache is None and implicit_positions:
+      # Plain causal (or banded) training pass: let the kernel build the mask itself.
+      out = jax.nn.dot_product_attention(
+        q, keys.astype(q.dtype), values.astype(q.dtype), is_causal=True,
+        local_window_size=(self.window - 1, 0) if self.window else None,
+        implementation=None if self.impl == AttentionImpl.AUTO else str(self.impl),
+      )
+    else:
+      mask = attention_mask(positions, k_pos, self.window)
+      out = jax.nn.dot_product_attention(
+        q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask,
+        implementation=None if self.impl == AttentionImpl.AUTO else str(self.impl),
+      )
+      # Rows that see no key at all (padding) come back as zeros, as in the reference.
+      out = jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0)
+    out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS, HEAD_DIM))
+    y = dense((h, e), d, (HEADS, HEAD_DIM, EMBED), "o", **kw)(out)
+    return y, cache
+
+
+def _write(cache: KVCache, k: Array, v: Array, positions: Array) -> KVCache:
+  """Writes t new tokens at slots end_index .. end_index + t - 1 (mod the cache size)."""
+  size, t = cache.k.shape[1], k.shape[1]
+  keep = min(t, size)  # Only the last `size` tokens can survive in a ring buffer.
+  slots = (cache.end_index + t - keep + jnp.arange(keep)) % size
+  return KVCache(
+    k=cache.k.at[:, slots].set(k[:, t - keep:].astype(cache.k.dtype)),
+    v=cache.v.at[:, slots].set(v[:, t - keep:].astype(cache.v.dtype)),
+    positions=cache.positions.at[:, slots].set(positions[:, t - keep:]),
+    end_index=cache.end_index + t,
+  )

@@ -1,0 +1,59 @@
+"""The typed model config every module is built from."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture hyper-parameters (the recipe's `model.*` section, typed).
+
+  Zero-valued sizes mean "derive the usual default", see the properties below.
+  """
+
+  arch: str = "transformer"
+  vocab_size: int = 256
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 0  # 0: num_heads (MHA); 1: MQA; otherwise GQA.
+  head_dim: int = 0  # 0: d_model // num_heads.
+  mlp_dim: int = 0  # 0: 8/3 d_model rounded up to a multiple of 64.
+  window: int = 0  # Sliding-window attention; 0 = full causal.
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  scan_layers: bool = False
+  remat: bool = False
+  dtype: str = "float32"
+  attention_impl: str = "auto"
+
+  @classmethod
+  def from_mapping(cls, m: Mapping[str, Any] | ModelConfig) -> ModelConfig:
+    """Builds from a dict/ConfigDict, ignoring keys that are not model hyper-parameters."""
+    if isinstance(m, ModelConfig):
+      return m
+    m = dict(m.items())
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in m.items() if k in names})
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def per_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def hidden_dim(self) -> int:
+    return self.mlp_dim or -(-8 * self.d_model // 3 // 64) * 64
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)

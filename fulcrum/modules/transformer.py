@@ -1,0 +1,41 @@
+"""Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import linen as nn
+from jaxtyping import Array, Float, Int
+
+from fulcrum.modules.attention import Attention, AttentionImpl, KVCache
+from fulcrum.modules.config import ModelConfig
+from fulcrum.modules.layers import BATCH, EMBED, LENGTH, GatedMLP, RMSNorm
+
+
+class TransformerBlock(nn.Module):
+  """One decoder block (Llama layout): RMSNorm → attention → residual, RMSNorm → SwiGLU → residual."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(
+    self,
+    x: Float[Array, "b t d"],
+    positions: Int[Array, "b t"] | None = None,
+    cache: KVCache | None = None,
+  ) -> tuple[Float[Array, "b t d"], KVCache | None]:
+    c = self.config
+    kw = dict(dtype=c.compute_dtype, param_dtype=jnp.float32)
+    h = RMSNorm(c.norm_eps, name="attn_norm", **kw)(x)
+    h, cache = Attention(
+      c.d_model, c.num_heads, c.kv_heads, c.per_head_dim, window=c.window,
+      rope_theta=c.rope_theta, impl=AttentionImpl(c.attention_impl), name="attn", **kw,
+    )(h, positions, cache)
+    x = nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED))
+    h = RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x)
+    h = GatedMLP(c.d_model, c.hidden_dim, "silu", name="mlp", **kw)(h)
+    return nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED)), cache
+
+  def init_cache(self, batch: int, max_len: int) -> KVCache:
+    c = self.config
+    size = min(max_len, c.window) if c.window else max_len
+    return KVCache.init(batch, size, c.kv_heads, c.per_head_dim, c.compute_dtype)

@@ -1,0 +1,201 @@
+"""Recipe configs: the shared base config, `--set key=value` overrides and validation.
+
+A recipe is a `get_config()` returning an `ml_collections.ConfigDict` built on `base_config()`.
+Configs are locked: an unknown key is an error, never silently ignored, and an override's value
+is parsed to the type of the key's default.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import ml_collections
+
+from fulcrum.platform.errors import UserError
+
+ARCHS = ("transformer",)
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a training recipe understands, each with its default."""
+  c = ml_collections.ConfigDict()
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # Total optimizer steps; rerunning a finished run does nothing.
+  c.train.batch_size = 16  # Global batch size in sequences (per optimizer step).
+  c.train.seq_len = 256  # Tokens per training sequence.
+  c.train.seed = 0  # Seeds parameters, data order and dropout-free rng streams.
+  c.train.log_every = 10  # Steps between metrics.jsonl rows.
+  c.train.eval_every = 200  # Steps between evaluations (0: only at the end).
+  c.train.eval_batches = 8  # Validation batches per evaluation.
+  c.train.checkpoint_every = 200  # Steps between checkpoints (a final one is always saved).
+  c.train.keep_checkpoints = 3  # How many recent checkpoints to keep.
+  c.train.max_nan_steps = 10  # Stop after this many consecutive non-finite updates.
+  c.train.grad_accum_steps = 1  # Micro-batches per step; batch_size must divide by it.
+  c.train.progress = True  # Show a progress bar (loss, tokens/s).
+  c.train.async_checkpointing = True  # Save checkpoints in a background thread.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "transformer"  # One of: transformer.
+  c.model.d_model = 256  # Residual stream width.
+  c.model.num_layers = 4  # Number of blocks.
+  c.model.num_heads = 4  # Query heads.
+  c.model.num_kv_heads = 0  # Key/value heads: 0 = num_heads (MHA), 1 = MQA, else GQA.
+  c.model.head_dim = 0  # Per-head width; 0 = d_model // num_heads.
+  c.model.mlp_dim = 0  # SwiGLU hidden width; 0 = 8/3 d_model rounded up to a multiple of 64.
+  c.model.vocab_size = 256  # Byte-level default.
+  c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (parameters stay float32).
+  c.model.window = 0  # Sliding-window attention size; 0 = full causal attention.
+  c.model.rope_theta = 10000.0  # RoPE base frequency.
+  c.model.norm_eps = 1e-6  # RMSNorm epsilon.
+  c.model.tie_embeddings = True  # Share the input embedding with the output projection.
+  c.model.scan_layers = False  # Stack identical blocks with nn.scan (faster compiles).
+  c.model.remat = False  # Rematerialise blocks in the backward pass (saves memory).
+  c.model.attention_impl = "auto"  # auto | xla | cudnn | reference.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"  # One of: adamw.
+  c.optimizer.learning_rate = 3e-3  # Peak learning rate.
+  c.optimizer.warmup_steps = 100  # Linear warmup steps.
+  c.optimizer.min_lr_ratio = 0.1  # Cosine decays to learning_rate * min_lr_ratio.
+  c.optimizer.weight_decay = 0.1  # Decoupled weight decay (matrices only).
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.clip_norm = 1.0  # Global-norm gradient clipping; 0 disables.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.tfds_name = ""  # A registered TFDS dataset (e.g. "lm1b"); "" = the built-in corpus.
+  c.data.text_files = ""  # Glob of the user's text files; "" = Python stdlib sources.
+  c.data.text_key = "text"  # Feature holding the text in a tfds_name dataset.
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.data_dir = ""  # Where TFDS data is prepared; "" = $FULCRUM_DATA_DIR or ~/.cache.
+  c.data.num_workers = 0  # grain worker processes (0 = in the main process).
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Data-parallel axis size; -1 = every device not used by fsdp/tensor.
+  c.mesh.fsdp = 1  # Fully-sharded data-parallel axis size.
+  c.mesh.tensor = 1  # Tensor-parallel axis size.
+  return c
+
+
+def _parse(text: str, default: Any, key: str) -> Any:
+  """Parses an override string to the type of the key's default."""
+  expected = type(default)
+  try:
+    if isinstance(default, bool):
+      low = text.strip().lower()
+      if low in ("true", "1", "yes", "on"):
+        return True
+      if low in ("false", "0", "no", "off"):
+        return False
+      raise ValueError
+    if isinstance(default, int):
+      return int(text)
+    if isinstance(default, float):
+      return float(text)
+    if isinstance(default, str):
+      return text
+    if isinstance(default, (tuple, list)):
+      value = ast.literal_eval(text)
+      if not isinstance(value, (tuple, list)):
+        raise ValueError
+      return expected(value)
+  except (ValueError, SyntaxError):
+    raise UserError(
+      f"--set {key}={text!r}: expected a {expected.__name__} like {default!r}"
+    ) from None
+  raise UserError(f"--set {key}: keys of type {expected.__name__} cannot be overridden")
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+  *parents, leaf = key.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise UserError(
+        f"unknown config key {key!r}: no section {'.'.join(parents[: i + 1])!r}; "
+        f"sections are {', '.join(sorted(config.keys()))}"
+      )
+    node = node[part]
+  if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
+    known = ", ".join(sorted(k for k in node.keys() if not isinstance(node[k], dict)))
+    raise UserError(f"unknown config key {key!r}; known keys there: {known}")
+  return node, leaf
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+  """Applies `key=value` strings in place, parsing each value to its default's type."""
+  for item in overrides:
+    if "=" not in item:
+      raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    node, leaf = _lookup(config, key)
+    with node.unlocked():
+      node[leaf] = _parse(text, node[leaf], key)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that a type alone cannot; raises `UserError` naming the fix."""
+  t, m, o = config.train, config.model, config.optimizer
+
+  def need(ok: bool, msg: str) -> None:
+    if not ok:
+      raise UserError(msg)
+
+  for key in ("steps", "batch_size", "seq_len", "log_every", "keep_checkpoints",
+              "max_nan_steps", "grad_accum_steps", "checkpoint_every"):
+    need(t[key] > 0, f"train.{key} must be positive, got {t[key]}")
+  need(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
+  need(t.eval_batches > 0, f"train.eval_batches must be positive, got {t.eval_batches}")
+  need(t.batch_size % t.grad_accum_steps == 0,
+       f"train.batch_size={t.batch_size} must divide by train.grad_accum_steps="
+       f"{t.grad_accum_steps}")
+  need(m.arch in ARCHS, f"model.arch={m.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+  need(m.dtype in DTYPES, f"model.dtype={m.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+  for key in ("d_model", "num_layers", "num_heads", "vocab_size"):
+    need(m[key] > 0, f"model.{key} must be positive, got {m[key]}")
+  kv = m.num_kv_heads or m.num_heads
+  need(m.num_heads % kv == 0,
+       f"model.num_heads={m.num_heads} must divide by model.num_kv_heads={kv}")
+  need(m.head_dim > 0 or m.d_model % m.num_heads == 0,
+       f"model.d_model={m.d_model} must divide by model.num_heads={m.num_heads} "
+       "(or set model.head_dim)")
+  need(m.window >= 0, f"model.window must be >= 0, got {m.window}")
+  need(m.attention_impl in ("auto", "xla", "cudnn", "reference"),
+       f"model.attention_impl={m.attention_impl!r}: choose auto, xla, cudnn or reference")
+  need(o.name in ("adamw",), f"optimizer.name={o.name!r} is unknown; choose one of adamw")
+  need(o.learning_rate > 0, f"optimizer.learning_rate must be positive, got {o.learning_rate}")
+  if "mesh" in config:
+    for key in ("fsdp", "tensor"):
+      need(config.mesh[key] >= 1, f"mesh.{key} must be >= 1, got {config.mesh[key]}")
+    need(config.mesh.data == -1 or config.mesh.data >= 1,
+         f"mesh.data must be -1 (auto) or >= 1, got {config.mesh.data}")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as indented JSON (what `DIR/config.json` holds)."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Rebuilds a locked config from `to_json` output, filling keys added since with defaults."""
+  stored = json.loads(text)
+  config = base_config()
+  with config.unlocked():
+    for section, values in stored.items():
+      if isinstance(values, dict):
+        if section not in config:
+          config[section] = ml_collections.ConfigDict()
+        for key, value in values.items():
+          config[section][key] = value
+      else:
+        config[section] = values
+  config.lock()
+  return config

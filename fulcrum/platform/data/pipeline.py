@@ -1,0 +1,426 @@
+"""grain pipelines: random-access sources, packed training batches, fixed eval batches.
+
+Training pipeline (one per host):
+
+  documents (ArrayRecord, random access)
+    -> shuffle with `seed`, reshuffled every epoch, repeated forever      (grain MapDataset)
+    -> this host's documents: global positions process_index, +process_count, ...
+    -> ByteTokenizer + EOS per document
+    -> [data.num_workers > 0: read and tokenize in worker processes, order unchanged]
+    -> concatenate the token stream and cut windows of seq_len + 1    (ConcatThenSplit)
+    -> inputs = window[:-1], targets = window[1:]; batch rows
+
+Per-host sharding: the globally shuffled document stream is dealt round-robin to hosts, so
+hosts read disjoint documents and each packs and batches its own `batch_size //
+process_count` rows; the global batch is the concatenation of the hosts' batches. With one
+host that is the whole stream and the whole batch. Eval batches are computed whole on every
+host and each host keeps its row slice, so evaluation sees the same data for any host count.
+
+The training iterator is a grain `DatasetIterator`: `get_state()` is a small JSON-serialisable
+dict and `set_state()` on a fresh iterator from the same config resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+from grain.experimental import ConcatThenSplitIterDataset
+
+from fulcrum.platform.data import text_corpus
+from fulcrum.platform.data.tokenizer import ByteTokenizer
+from fulcrum.platform.errors import UserError
+
+_TOKENIZER = ByteTokenizer()
+_STATE_FORMAT = 1
+# Threads reading documents ahead of packing; documents are small and decoding is cheap.
+_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dataset:
+  """An opened dataset: where it lives, how to read it, how to describe it."""
+
+  label: str  # For logs and checkpoint-state fingerprints.
+  data_dir: str
+  builder: tfds.core.DatasetBuilder
+  text_key: str
+  corpus: text_corpus.PreparedCorpus | None  # Set for the built-in corpus / text_files.
+
+
+def _split_names(split: str) -> list[str]:
+  """Base split names in a TFDS split expression ("train[:90%]+validation" -> both)."""
+  return [re.split(r"[\[(]", part.strip(), maxsplit=1)[0].strip() for part in split.split("+")]
+
+
+def _open_tfds(name: str, data_dir: str) -> _Dataset:
+  """Opens an already-prepared TFDS dataset; never downloads."""
+  try:
+    with text_corpus.quiet_tfds():
+      builder = tfds.builder(name, data_dir=data_dir)
+      prepared = builder.is_prepared()
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UserError(
+      f"data.tfds_name={name!r} is neither a registered TFDS dataset nor prepared in "
+      f"{data_dir}; check the name or set data.data_dir to where it is prepared"
+    ) from None
+  except ImportError as e:
+    raise UserError(
+      f"TFDS dataset {name!r} needs the Python module {e.name!r}; install it with pip"
+    ) from None
+  if not prepared:
+    raise UserError(
+      f"dataset {name!r} is not prepared in {data_dir}; run `tfds build {name} --data_dir "
+      f"{data_dir} --file_format=array_record` on a machine with a network, or set "
+      "data.data_dir to where it is prepared"
+    )
+  return _Dataset(
+    label=f"tfds {name}", data_dir=data_dir, builder=builder, text_key="", corpus=None
+  )
+
+
+def _open(data_cfg: ml_collections.ConfigDict) -> _Dataset:
+  """Opens (building the corpus first when needed) the dataset `data_cfg` names."""
+  data_dir = text_corpus.resolve_data_dir(data_cfg.data_dir)
+  if data_cfg.tfds_name and data_cfg.text_files:
+    raise UserError(
+      f"data.tfds_name={data_cfg.tfds_name!r} and data.text_files={data_cfg.text_files!r} are "
+      "both set; set only one of them"
+    )
+  if data_cfg.tfds_name:
+    ds = _open_tfds(data_cfg.tfds_name, data_dir)
+    features = ds.builder.info.features
+    keys = list(features.keys()) if features is not None else []
+    if data_cfg.text_key not in keys:
+      raise UserError(
+        f"dataset {data_cfg.tfds_name!r} has no feature {data_cfg.text_key!r}; set "
+        f"data.text_key to one of: {', '.join(keys)}"
+      )
+    return dataclasses.replace(ds, text_key=data_cfg.text_key)
+  corpus = text_corpus.prepare(data_cfg.text_files, data_dir)
+  return _Dataset(
+    label=corpus.files.label,
+    data_dir=data_dir,
+    builder=corpus.builder,
+    text_key="text",
+    corpus=corpus,
+  )
+
+
+def _check_split(ds: _Dataset, split: str, key: str) -> None:
+  available = list(ds.builder.info.splits.keys())
+  for name in _split_names(split):
+    if name in available:
+      continue
+    why = ""
+    if ds.corpus is not None and len(ds.corpus.files.paths) == 1:
+      why = " (the corpus has 1 file; a validation split needs at least 2)"
+    raise UserError(
+      f"{key}={split!r}: {ds.label} has no split {name!r}{why}; available splits: "
+      f"{', '.join(available)}"
+    )
+
+
+def _source(ds: _Dataset, split: str, key: str) -> Any:
+  _check_split(ds, split, key)
+  try:
+    with text_corpus.quiet_tfds():
+      return ds.builder.as_data_source(split)
+  except NotImplementedError:
+    fmt = ds.builder.info.file_format
+    fmt = getattr(fmt, "value", fmt)
+    raise UserError(
+      f"{ds.label} in {ds.data_dir} is stored as {fmt}, which grain cannot read by index; "
+      f"rebuild it with `tfds build {ds.builder.name} --data_dir {ds.data_dir} "
+      "--file_format=array_record`"
+    ) from None
+  except (ValueError, KeyError) as e:
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "0 length" in detail:  # TFDS' words for a slice that selects no files.
+      raise UserError(
+        f"{key}={split!r} selects no examples of {ds.label}; choose a split with examples"
+      ) from None
+    raise UserError(
+      f"{key}={split!r} is not a readable split of {ds.label} ({detail}); "
+      "use a split name such as 'train' or 'train[:90%]'"
+    ) from None
+
+
+def load_source(data_cfg: ml_collections.ConfigDict, split: str) -> Sequence[Any]:
+  """A random-access source (`len`, `[i]`) of the examples of one split.
+
+  The built-in corpus (`data.tfds_name == ""`) is built on first use: the Python stdlib
+  sources, or the files matching `data.text_files`; examples are {"text": bytes, "path":
+  bytes}. A `data.tfds_name` dataset must already be prepared (as ArrayRecord) in the data
+  dir; this never downloads.
+
+  Args:
+    data_cfg: the `data` section of a config.
+    split: a split name (or TFDS split expression such as "train[:90%]").
+
+  Returns:
+    A TFDS ArrayRecord data source.
+
+  Raises:
+    UserError: unknown or unprepared dataset, missing split, glob matching nothing.
+  """
+  return _source(_open(data_cfg), split, "split")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokenize(grain.transforms.Map):
+  """Example -> {"tokens": int32 bytes of its text + EOS}."""
+
+  text_key: str
+
+  def map(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    text = example[self.text_key]
+    if isinstance(text, np.ndarray):
+      text = text.item()
+    return {"tokens": _TOKENIZER.encode(text, add_eos=True)}
+
+
+class _ToInputsTargets(grain.transforms.Map):
+  """A packed window of seq_len + 1 tokens -> next-token inputs/targets."""
+
+  def map(self, element: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    window = element["tokens"]
+    return {"inputs": window[:-1], "targets": window[1:]}
+
+
+def _packed(
+  ds: grain.MapDataset, text_key: str, seq_len: int, num_workers: int
+) -> grain.IterDataset:
+  """Tokenizes a document dataset and packs it into inputs/targets windows."""
+  it = ds.map(_Tokenize(text_key)).to_iter_dataset(_READ_OPTIONS)
+  if num_workers > 0:
+    # grain's worker launcher reads absl flags; outside `absl.app.run` they are unparsed and
+    # reading them raises. Their defaults are what we want.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    # Before packing: workers take interleaved slices and the output is re-interleaved in
+    # order, so the token stream (and the checkpointed packing state) does not depend on
+    # the worker count.
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  it = ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
+  return it.map(_ToInputsTargets())
+
+
+def _check_shapes(seq_len: int, batch_size: int, process_index: int, process_count: int) -> int:
+  if seq_len <= 0:
+    raise UserError(f"train.seq_len must be positive, got {seq_len}")
+  if batch_size <= 0:
+    raise UserError(f"train.batch_size must be positive, got {batch_size}")
+  if process_count <= 0 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+  if batch_size % process_count:
+    raise UserError(
+      f"train.batch_size={batch_size} must divide by the number of hosts "
+      f"({process_count}); use a multiple of {process_count}"
+    )
+  return batch_size // process_count
+
+
+def _to_json(value: Any) -> Any:
+  """A JSON-clean copy: tuples -> lists, NumPy scalars -> Python numbers."""
+  if isinstance(value, Mapping):
+    return {str(k): _to_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_to_json(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def _from_json(value: Any) -> Any:
+  """Undoes the lossy part of JSON for grain's packing state.
+
+  ConcatThenSplit compares its slices with the tuple (-1, -1); after a JSON round trip they
+  are lists, which would silently corrupt the restored stream.
+  """
+  if isinstance(value, Mapping):
+    out = {}
+    for k, v in value.items():
+      if k == "remainder_slices" and isinstance(v, Mapping):
+        out[k] = {name: tuple(sl) for name, sl in v.items()}
+      else:
+        out[k] = _from_json(v)
+    return out
+  if isinstance(value, list):
+    return [_from_json(v) for v in value]
+  return value
+
+
+class _ResumableIterator(grain.DatasetIterator):
+  """Wraps the pipeline iterator: JSON-safe state, checked against the pipeline's settings."""
+
+  def __init__(self, parent: grain.DatasetIterator, fingerprint: dict[str, Any]):
+    super().__init__(parent)
+    self._fingerprint = fingerprint
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return {
+      "format": _STATE_FORMAT,
+      "pipeline_settings": dict(self._fingerprint),
+      "grain": _to_json(self._parent.get_state()),
+    }
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+      raise UserError(
+        "the saved data-iterator state is not from this version of Fulcrum's "
+        "data pipeline; start a new workdir"
+      )
+    saved = state.get("pipeline_settings", {})
+    changed = [
+      f"{k} was {saved.get(k)!r}, now {v!r}"
+      for k, v in self._fingerprint.items()
+      if saved.get(k) != v
+    ]
+    if changed:
+      raise UserError(
+        f"the data pipeline differs from the saved iterator state ({'; '.join(changed)}"
+        "); restore the original data/train settings or start a new workdir"
+      )
+    self._parent.set_state(_from_json(state["grain"]))
+
+  def __str__(self) -> str:
+    return f"FulcrumTrainIterator({self._fingerprint})"
+
+
+def make_train_iterator(
+  data_cfg: ml_collections.ConfigDict,
+  *,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.DatasetIterator:
+  """The endless, checkpointable training iterator for this host.
+
+  Documents are shuffled with `seed` (a new order every epoch), split round-robin across
+  hosts, tokenized with EOS after each, packed without padding into windows of seq_len + 1
+  and batched.
+
+  Args:
+    data_cfg: the `data` section of a config.
+    seq_len: tokens per row.
+    batch_size: global batch size (rows across all hosts).
+    seed: data-order seed.
+    process_index: this host's index (`jax.process_index()`).
+    process_count: number of hosts (`jax.process_count()`).
+
+  Returns:
+    A grain `DatasetIterator` of {"inputs", "targets"}: int32 [batch_size // process_count,
+    seq_len], targets = inputs shifted left by one token. `get_state()` returns a
+    JSON-serialisable dict; `set_state()` on an iterator made with the same arguments
+    continues exactly where that state was taken.
+
+  Raises:
+    UserError: bad data config, or batch_size not divisible by process_count.
+  """
+  per_host = _check_shapes(seq_len, batch_size, process_index, process_count)
+  ds = _open(data_cfg)
+  source = _source(ds, data_cfg.train_split, "data.train_split")
+  if len(source) == 0:
+    raise UserError(
+      f"data.train_split={data_cfg.train_split!r} of {ds.label} is empty; "
+      "choose a split with examples"
+    )
+  docs = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat()
+  docs = docs[process_index::process_count]
+  num_workers = max(int(data_cfg.num_workers), 0)
+  batches = _packed(docs, ds.text_key, seq_len, num_workers).batch(per_host, drop_remainder=True)
+  fingerprint = {
+    "source": f"{ds.label} [{data_cfg.train_split}]",
+    "num_documents": len(source),
+    "seq_len": seq_len,
+    "batch_size": batch_size,
+    "seed": seed,
+    "process_index": process_index,
+    "process_count": process_count,
+    "num_workers": num_workers,
+  }
+  return _ResumableIterator(iter(batches), fingerprint)
+
+
+def make_eval_batches(
+  data_cfg: ml_collections.ConfigDict,
+  *,
+  seq_len: int,
+  batch_size: int,
+  num_batches: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+  """Fixed evaluation batches from `data.eval_split`, identical on every call.
+
+  Documents are read in stored order (no shuffle) and packed like training data; a split with
+  too few tokens wraps around. Every host computes the same global batches and keeps rows
+  [process_index * b, (process_index + 1) * b) with b = batch_size // process_count.
+
+  Args:
+    data_cfg: the `data` section of a config.
+    seq_len: tokens per row.
+    batch_size: global batch size.
+    num_batches: how many batches.
+    process_index: this host's index.
+    process_count: number of hosts.
+
+  Returns:
+    `num_batches` dicts {"inputs", "targets"} of int32 [batch_size // process_count, seq_len].
+
+  Raises:
+    UserError: bad data config, missing or empty split.
+  """
+  per_host = _check_shapes(seq_len, batch_size, process_index, process_count)
+  if num_batches <= 0:
+    raise UserError(f"train.eval_batches must be positive, got {num_batches}")
+  ds = _open(data_cfg)
+  source = _source(ds, data_cfg.eval_split, "data.eval_split")
+  if len(source) == 0:
+    raise UserError(
+      f"data.eval_split={data_cfg.eval_split!r} of {ds.label} is empty; "
+      "choose a split with examples"
+    )
+  docs = grain.MapDataset.source(source).repeat()
+  it = iter(_packed(docs, ds.text_key, seq_len, 0).batch(batch_size, drop_remainder=True))
+  rows = slice(process_index * per_host, (process_index + 1) * per_host)
+  out = []
+  for _ in range(num_batches):
+    batch = next(it)
+    out.append({k: np.ascontiguousarray(v[rows]) for k, v in batch.items()})
+  it.close()
+  return out
+
+
+def data_config_summary(data_cfg: ml_collections.ConfigDict) -> str:
+  """One line describing the data for logs.
+
+  E.g. "python3.11 stdlib: 1790 files, 31.5 MB (train 1696 / validation 94)".
+
+  Args:
+    data_cfg: the `data` section of a config.
+
+  Returns:
+    The description (builds the corpus first if needed).
+  """
+  ds = _open(data_cfg)
+  splits = " / ".join(
+    f"{name} {info.num_examples}" for name, info in ds.builder.info.splits.items()
+  )
+  if ds.corpus is not None:
+    files = ds.corpus.files
+    return f"{files.label}: {files.describe()} ({splits})"
+  return f"{ds.label} (text_key {ds.text_key!r}) in {ds.builder.data_dir}: {splits} examples"
