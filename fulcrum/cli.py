@@ -29,7 +29,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _quiet_logs() -> None:
-  logging.basicConfig(level=logging.INFO, format="fulcrum: %(message)s", stream=sys.stderr)
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("fulcrum: %(message)s"))
+  ours = logging.getLogger("fulcrum")
+  ours.handlers[:] = [handler]
+  ours.setLevel(logging.INFO)
+  ours.propagate = False
   for name in ("absl", "orbax", "jax", "grain", "tensorflow_datasets", "etils"):
     logging.getLogger(name).setLevel(logging.ERROR)
   try:
@@ -57,7 +62,7 @@ def _cmd_train(args) -> int:
   config = recipes.get(args.recipe)
   config_lib.apply_overrides(config, args.set or [])
   config_lib.validate(config)
-  from fulcrum.platform.train import train
+  from fulcrum.platform.trainer import train
 
   result = train(config, args.workdir)
   workdir = Path(result["workdir"])
@@ -71,7 +76,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-  from fulcrum.platform.train import evaluate
+  from fulcrum.platform.trainer import evaluate
 
   metrics = evaluate(args.workdir)
   if args.json:
@@ -87,7 +92,7 @@ def _cmd_decode(args) -> int:
 
   from fulcrum.platform.data import ByteTokenizer
   from fulcrum.platform.decode import generate
-  from fulcrum.platform.train import load_workdir
+  from fulcrum.platform.trainer import load_workdir
 
   if not args.prompt:
     raise UserError("--prompt is empty; pass the text to continue, e.g. --prompt 'def main('")

@@ -48,18 +48,35 @@ BATCH, LENGTH = 2, 24
 FIXTURES = {
   "tiny_llama": dict(
     config=lambda: LlamaConfig(
-      vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, intermediate_size=96, rms_norm_eps=1e-5, rope_theta=10000.0,
-      tie_word_embeddings=False, max_position_embeddings=256, hidden_act="silu",
+      vocab_size=128,
+      hidden_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      intermediate_size=96,
+      rms_norm_eps=1e-5,
+      rope_theta=10000.0,
+      tie_word_embeddings=False,
+      max_position_embeddings=256,
+      hidden_act="silu",
     ),
     storage=torch.bfloat16,
     max_shard_size=None,
   ),
   "tiny_mistral": dict(
     config=lambda: MistralConfig(
-      vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=1, head_dim=24, intermediate_size=96, rms_norm_eps=1e-6,
-      rope_theta=1e6, sliding_window=8, tie_word_embeddings=True, max_position_embeddings=256,
+      vocab_size=128,
+      hidden_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=1,
+      head_dim=24,
+      intermediate_size=96,
+      rms_norm_eps=1e-6,
+      rope_theta=1e6,
+      sliding_window=8,
+      tie_word_embeddings=True,
+      max_position_embeddings=256,
       hidden_act="silu",
     ),
     storage=torch.float16,
@@ -76,8 +93,8 @@ def redraw_weights(model: torch.nn.Module, storage: torch.dtype, seed: int) -> N
       noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
       if name.endswith("norm.weight"):
         value = 1.0 + 0.2 * noise
-      elif "embed_tokens" in name:
-        value = noise
+      elif "embed_tokens" in name:  # Also the output layer when tied: keep logits O(10).
+        value = 0.25 * noise
       else:  # torch Linear weight [out, in].
         gain = 2.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0
         value = noise * gain / math.sqrt(p.shape[1])
@@ -109,7 +126,9 @@ def make(name: str, spec: dict, seed: int) -> None:
 
   save(model.to(spec["storage"]), folder, spec["max_shard_size"])
   np.savez(
-    folder / "reference.npz", input_ids=input_ids.astype(np.int32), logits=logits,
+    folder / "reference.npz",
+    input_ids=input_ids.astype(np.int32),
+    logits=logits,
     transformers_version=np.array(transformers.__version__),
   )
 

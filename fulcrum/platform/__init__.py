@@ -1,9 +1,9 @@
 """Everything that runs modules: config, data, trainer, checkpoints, sharding, decoding.
 
-`fulcrum.platform.train(config, workdir)` is the trainer's entry point. (Importing it here
-also makes the name refer to the function rather than to the `train` submodule.)
+`fulcrum.platform.train(config, workdir)` is the trainer's entry point; it lives in
+`fulcrum.platform.trainer` so that the function name never collides with a submodule name.
 """
 
-from fulcrum.platform.train import train
+from fulcrum.platform.trainer import train
 
 __all__ = ["train"]

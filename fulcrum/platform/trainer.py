@@ -151,7 +151,7 @@ def make_train_step(exp: Experiment):
       (loss, grads), _ = jax.lax.scan(body, zeros, micro)
       loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -167,14 +167,24 @@ def make_train_step(exp: Experiment):
       "loss": loss,
       "learning_rate": schedule(state.step),
       "grad_norm": grad_norm,
-      "param_norm": optax.global_norm(state.params),
-      "update_norm": optax.global_norm(updates),
+      "param_norm": optax.tree.norm(state.params),
+      "update_norm": optax.tree.norm(updates),
       "nonfinite_skipped": new_state.nonfinite_total,
       "nonfinite_run": new_state.nonfinite_run,
     }
     return new_state, metrics
 
   return train_step
+
+
+def jit_train_step(exp: Experiment):
+  """The train step jitted with the state donated and its shardings fixed (no recompiles)."""
+  return jax.jit(
+    make_train_step(exp),
+    in_shardings=(exp.state_sharding, sharding.batch_sharding(exp.mesh)),
+    out_shardings=(exp.state_sharding, None),
+    donate_argnums=(0,),
+  )
 
 
 def make_eval_step(exp: Experiment):
@@ -296,13 +306,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
   log.info("model: %s, %.2fM parameters; mesh %s", config.model.arch, n_params / 1e6,
            dict(exp.mesh.shape))
   writer = MetricsWriter(workdir, resume_step=start)
-  with exp.activate():
-    train_step = jax.jit(
-      make_train_step(exp),
-      in_shardings=(exp.state_sharding, sharding.batch_sharding(exp.mesh)),
-      out_shardings=(exp.state_sharding, None),
-      donate_argnums=(0,),
-    )
+  train_step = jit_train_step(exp)
   eval_step = jax.jit(make_eval_step(exp))
   tokens_per_step = t.batch_size * t.seq_len
   last: dict[str, Any] = {}
@@ -358,6 +362,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
   if pending_check is not None and int(pending_check) >= t.max_nan_steps:
     raise FloatingPointError(f"{int(pending_check)} consecutive non-finite steps at the end "
                              "of training; lower optimizer.learning_rate")
+  if step == start and not last:  # Already trained to train.steps: report where it stands.
+    log.info("%s is already trained to step %d (train.steps); raise train.steps to continue",
+             workdir, step)
+    last.update(evaluate_params(exp, state.params, eval_batches, eval_step))
   last["step"] = step
   last["workdir"] = str(workdir)
   return last

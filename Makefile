@@ -1,0 +1,54 @@
+# Fulcrum: `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RECIPE ?= lm_transformer
+WORKDIR ?= runs/$(RECIPE)
+ARGS ?=
+PROMPT ?= def __init__(self
+BENCH ?= train
+
+.PHONY: setup demo test train eval decode bench notebooks lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/fulcrum train --recipe demo --workdir runs/demo $(ARGS)
+	@echo "--- sample continuation (greedy) ---"
+	$(BIN)/fulcrum decode --workdir runs/demo --prompt '$(PROMPT)' --max-new-tokens 200
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+train: setup
+	$(BIN)/fulcrum train --recipe $(RECIPE) --workdir $(WORKDIR) $(ARGS)
+
+eval: setup
+	$(BIN)/fulcrum eval --workdir $(WORKDIR)
+
+decode: setup
+	$(BIN)/fulcrum decode --workdir $(WORKDIR) --prompt '$(PROMPT)' $(ARGS)
+
+bench: setup
+	$(BIN)/fulcrum bench $(BENCH) --json
+
+notebooks: setup
+	$(BIN)/python -m pytest -q tests/test_notebooks.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,602 @@
+"""Import and export of Hugging Face checkpoints: a config.json plus safetensors weights.
+
+`load_pretrained(folder)` turns a local Hugging Face checkpoint folder into a Fulcrum model and
+plain float32 params; `save_pretrained(model, params, folder)` writes a Fulcrum transformer
+back out in the Hugging Face Llama (or, with a sliding window, Mistral) format.
+
+The safetensors format is read and written here with numpy alone (no torch, no `safetensors`
+package): an 8-byte little-endian header length, a JSON header mapping each tensor name to its
+dtype, shape and byte range, then the raw little-endian bytes. Files are memory-mapped, so only
+the tensors that are converted are ever read.
+
+Each supported Hugging Face `model_type` is one `Converter` in `CONVERTERS`: how its config.json
+maps onto `ModelConfig`, and which checkpoint tensor becomes which Fulcrum parameter (with the
+layout change between them). A new architecture is a new entry; the loader does not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+from fulcrum.modules import LM, ModelConfig, build
+from fulcrum.platform.errors import UserError
+
+Params = dict[str, Any]
+
+# --- safetensors -----------------------------------------------------------------------------
+
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+  "F64": np.dtype("<f8"),
+  "F32": np.dtype("<f4"),
+  "F16": np.dtype("<f2"),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "I64": np.dtype("<i8"),
+  "I32": np.dtype("<i4"),
+  "I16": np.dtype("<i2"),
+  "I8": np.dtype("i1"),
+  "U8": np.dtype("u1"),
+  "BOOL": np.dtype("?"),
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # The reference implementation's limit.
+
+
+class _Entry(NamedTuple):
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  start: int  # Byte offsets from the start of the file.
+  end: int
+
+
+class SafetensorsFile(Mapping[str, np.ndarray]):
+  """One .safetensors file as a read-only mapping from tensor name to a memory-mapped array.
+
+  Arrays are views into the file: nothing is read until they are used, and they are only valid
+  while the file exists. Raises `UserError` when the file is not valid safetensors.
+  """
+
+  def __init__(self, path: str | Path):
+    self.path = Path(path)
+    self.metadata, self._entries = _read_header(self.path)
+    self._buffer: np.memmap | None = None
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._entries[name].shape
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    entry = self._entries[name]
+    if self._buffer is None:
+      self._buffer = np.memmap(self.path, dtype=np.uint8, mode="r")
+    return self._buffer[entry.start : entry.end].view(entry.dtype).reshape(entry.shape)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._entries)
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, _Entry]]:
+  """Parses and validates the JSON header; returns (metadata, entries by name)."""
+
+  def corrupt(why: str) -> UserError:
+    return UserError(f"{path} is not a valid safetensors file ({why}); re-download or re-save it")
+
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    prefix = f.read(8)
+    if len(prefix) < 8:
+      raise corrupt("shorter than the 8-byte header length")
+    n = int.from_bytes(prefix, "little")
+    if n > min(_MAX_HEADER_BYTES, size - 8):
+      raise corrupt(f"header length {n} does not fit in a {size}-byte file")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise corrupt(f"header is not JSON: {e}") from None
+  if not isinstance(header, dict):
+    raise corrupt("header is not a JSON object")
+  metadata = header.pop("__metadata__", None) or {}
+  base, entries = 8 + n, {}
+  for name, info in header.items():
+    try:
+      dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
+      start, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      raise corrupt(f"bad header entry for {name!r}: {info!r}") from None
+    if not 0 <= start <= end <= size - base:
+      raise corrupt(f"{name!r} lies outside the file")
+    if end - start != math.prod(shape) * dtype.itemsize:
+      raise corrupt(f"{name!r} has {end - start} bytes for shape {shape} of {info['dtype']}")
+    entries[name] = _Entry(dtype, shape, base + start, base + end)
+  return metadata, entries
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+  """All tensors of one .safetensors file, as memory-mapped numpy arrays."""
+  return dict(SafetensorsFile(path))
+
+
+def write_safetensors(
+  path: str | Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> None:
+  """Writes arrays (numpy, jax or anything `np.asarray` takes) as one .safetensors file.
+
+  Tensors are laid out widest dtype first so every tensor starts aligned to its item size, as
+  the reference implementation does; the file is written to a temporary name and then renamed.
+  """
+  arrays = {name: np.asarray(value) for name, value in tensors.items()}
+  header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+  offset, order = 0, sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+  for name in order:
+    a = arrays[name]
+    dtype = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+    if dtype not in _DTYPE_NAMES:
+      raise ValueError(f"{name}: dtype {a.dtype} has no safetensors equivalent")
+    arrays[name] = a = np.ascontiguousarray(a, dtype=dtype)
+    header[name] = {
+      "dtype": _DTYPE_NAMES[dtype],
+      "shape": list(a.shape),
+      "data_offsets": [offset, offset + a.nbytes],
+    }
+    offset += a.nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # The data section starts 8-byte aligned.
+  path = Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for name in order:
+      f.write(arrays[name].reshape(-1).view(np.uint8).data)
+  os.replace(tmp, path)
+
+
+def open_checkpoint(folder: Path) -> dict[str, SafetensorsFile]:
+  """Where each tensor of a checkpoint folder lives: {tensor name: its file}.
+
+  A sharded checkpoint is read through `model.safetensors.index.json`; otherwise
+  `model.safetensors`, or failing that every `*.safetensors` file in the folder (some
+  repositories also ship the original weights, e.g. consolidated.safetensors).
+  """
+  index, files, where = folder / "model.safetensors.index.json", {}, {}
+  if index.is_file():
+    try:
+      weight_map = dict(json.loads(index.read_text())["weight_map"])
+    except (ValueError, KeyError, TypeError) as e:
+      raise UserError(f"{index} is not a valid index ({e}); re-download it") from None
+  else:
+    single = folder / "model.safetensors"
+    weight_map = {}
+    for p in [single] if single.is_file() else sorted(folder.glob("*.safetensors")):
+      files[p.name] = SafetensorsFile(p)
+      for tensor in files[p.name]:
+        if tensor in weight_map:
+          raise UserError(f"tensor {tensor!r} is in {weight_map[tensor]} and {p.name}; remove one")
+        weight_map[tensor] = p.name
+  for tensor, name in weight_map.items():
+    if name not in files:
+      if not (folder / name).is_file():
+        raise UserError(f"{index.name} lists shard {name} but {folder} lacks it; download it")
+      files[name] = SafetensorsFile(folder / name)
+    if tensor not in files[name]:
+      raise UserError(f"{index.name} puts {tensor!r} in {name}, which lacks it; re-download")
+    where[tensor] = files[name]
+  return where
+
+
+# --- Converters: one per Hugging Face model_type ---------------------------------------------
+
+
+class Layout(NamedTuple):
+  """How a checkpoint tensor's layout maps to a Fulcrum parameter of shape `shape`."""
+
+  hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+  to_fulcrum: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+SAME = Layout(lambda shape: shape, lambda a, shape: a, lambda a: a)
+
+
+def linear(in_axes: int = 1) -> Layout:
+  """A torch `Linear` weight [out, in] as a DenseGeneral kernel [*in_dims, *out_dims].
+
+  `in_axes` counts the kernel's input axes: 1 for q/k/v/MLP ([d, h, e], [d, f]), 2 for the
+  attention output ([h, e, d]).
+  """
+
+  def split(shape: tuple[int, ...]) -> tuple[int, int]:
+    return math.prod(shape[:in_axes]), math.prod(shape[in_axes:])
+
+  def to_hf(kernel: np.ndarray) -> np.ndarray:
+    n_in, n_out = split(kernel.shape)
+    return kernel.reshape(n_in, n_out).T
+
+  return Layout(lambda shape: split(shape)[::-1], lambda a, shape: a.T.reshape(shape), to_hf)
+
+
+class Rule(NamedTuple):
+  """One checkpoint tensor ↔ one Fulcrum parameter (a path into the params tree)."""
+
+  hf_name: str
+  path: tuple[str, ...]
+  layout: Layout = SAME
+
+
+@dataclasses.dataclass(frozen=True)
+class Converter:
+  """How one Hugging Face `model_type` maps onto Fulcrum.
+
+  Attributes:
+    architectures: the `architectures` entries of config.json this converter reads.
+    to_config: config.json (a dict) → `ModelConfig` keyword arguments; raises `UserError` for
+      features Fulcrum does not implement.
+    rules: the tensor ↔ parameter rules for a `ModelConfig`.
+    to_hf_config: `ModelConfig` → the config.json dict (None: import only).
+    ignored: substrings of checkpoint tensor names that carry no weights (e.g. cached buffers).
+  """
+
+  architectures: tuple[str, ...]
+  to_config: Callable[[Mapping[str, Any]], dict[str, Any]]
+  rules: Callable[[ModelConfig], list[Rule]]
+  to_hf_config: Callable[[ModelConfig], dict[str, Any]] | None = None
+  ignored: tuple[str, ...] = ()
+
+
+def _get(hf: Mapping[str, Any], key: str) -> Any:
+  if hf.get(key) is None:
+    raise UserError(f"config.json lacks required key {key!r}; re-download or re-save the config")
+  return hf[key]
+
+
+def _unsupported(key: str, value: Any, fix: str) -> UserError:
+  return UserError(f"config.json sets {key}={json.dumps(value)}, not supported by Fulcrum; {fix}")
+
+
+def _rope_theta(hf: Mapping[str, Any]) -> float:
+  """rope_theta from transformers 4.x keys (rope_theta, rope_scaling) or 5.x (rope_parameters).
+
+  Only plain full-width RoPE is implemented; scaling (linear, dynamic, yarn, llama3...) or a
+  partial rotary factor is refused.
+  """
+  theta = None
+  for key in ("", "rope_scaling", "rope_parameters"):
+    params = hf if not key else hf.get(key) or {}
+    params = params if isinstance(params, dict) else {"rope_type": params}
+    name = "rope_type" if "rope_type" in params or "type" not in params else "type"
+    for field, implemented in ((name, "default"), ("partial_rotary_factor", 1.0)):
+      if params.get(field, implemented) != implemented:
+        why = f"only plain RoPE ({field}={json.dumps(implemented)}) is implemented"
+        raise _unsupported(f"{key}.{field}".lstrip("."), params[field], why)
+    theta = params.get("rope_theta", theta)
+  return float(theta if theta is not None else 10000.0)
+
+
+# config.json values Fulcrum's transformer implements; any other value is refused.
+_LLAMA_IMPLEMENTS = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
+
+
+def _llama_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """LlamaConfig → ModelConfig keyword arguments."""
+  for key, implemented in _LLAMA_IMPLEMENTS.items():
+    if hf.get(key, implemented) != implemented:
+      raise _unsupported(key, hf[key], f"only {key}={json.dumps(implemented)} is implemented")
+  heads, d_model = _get(hf, "num_attention_heads"), _get(hf, "hidden_size")
+  kv_heads = hf.get("num_key_value_heads") or heads
+  if heads % kv_heads:
+    raise UserError(
+      f"num_attention_heads={heads} is not a multiple of num_key_value_heads="
+      f"{kv_heads} in config.json; fix config.json"
+    )
+  return dict(
+    arch="transformer",
+    vocab_size=_get(hf, "vocab_size"),
+    d_model=d_model,
+    num_layers=_get(hf, "num_hidden_layers"),
+    num_heads=heads,
+    num_kv_heads=kv_heads,
+    head_dim=hf.get("head_dim") or d_model // heads,
+    mlp_dim=_get(hf, "intermediate_size"),
+    window=0,
+    rope_theta=_rope_theta(hf),
+    norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+  )
+
+
+def _mistral_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """MistralConfig → ModelConfig: Llama plus a sliding window (None = full attention)."""
+  window = hf.get("sliding_window", 4096)  # MistralConfig's default when the key is absent.
+  return {**_llama_config(hf), "window": int(window or 0)}
+
+
+def _llama_rules(c: ModelConfig) -> list[Rule]:
+  """Tensor names of LlamaForCausalLM (and MistralForCausalLM, which has the same layout)."""
+  rules = [Rule("model.embed_tokens.weight", ("embedder", "embedding"))]
+  for i in range(c.num_layers):
+    hf, ours = f"model.layers.{i}.", (f"blocks_{i}",)
+    rules += [
+      Rule(hf + "input_layernorm.weight", (*ours, "attn_norm", "scale")),
+      Rule(hf + "self_attn.q_proj.weight", (*ours, "attn", "q", "kernel"), linear()),
+      Rule(hf + "self_attn.k_proj.weight", (*ours, "attn", "k", "kernel"), linear()),
+      Rule(hf + "self_attn.v_proj.weight", (*ours, "attn", "v", "kernel"), linear()),
+      Rule(hf + "self_attn.o_proj.weight", (*ours, "attn", "o", "kernel"), linear(in_axes=2)),
+      Rule(hf + "post_attention_layernorm.weight", (*ours, "mlp_norm", "scale")),
+      Rule(hf + "mlp.gate_proj.weight", (*ours, "mlp", "gate", "kernel"), linear()),
+      Rule(hf + "mlp.up_proj.weight", (*ours, "mlp", "up", "kernel"), linear()),
+      Rule(hf + "mlp.down_proj.weight", (*ours, "mlp", "down", "kernel"), linear()),
+    ]
+  rules.append(Rule("model.norm.weight", ("final_norm", "scale")))
+  if not c.tie_embeddings:
+    rules.append(Rule("lm_head.weight", ("lm_head", "kernel"), linear()))
+  return rules
+
+
+def _llama_hf_config(c: ModelConfig, model_type: str = "llama") -> dict[str, Any]:
+  """ModelConfig → config.json, readable by transformers 4.x and 5.x."""
+  hf = {
+    "architectures": ["MistralForCausalLM" if model_type == "mistral" else "LlamaForCausalLM"],
+    "model_type": model_type,
+    "vocab_size": c.vocab_size,
+    "hidden_size": c.d_model,
+    "num_hidden_layers": c.num_layers,
+    "num_attention_heads": c.num_heads,
+    "num_key_value_heads": c.kv_heads,
+    "head_dim": c.per_head_dim,
+    "intermediate_size": c.hidden_dim,
+    "hidden_act": "silu",
+    "rms_norm_eps": c.norm_eps,
+    "rope_theta": c.rope_theta,  # transformers 4.x reads these two ...
+    "rope_scaling": None,
+    "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},  # ... 5.x this.
+    "tie_word_embeddings": c.tie_embeddings,
+    "attention_bias": False,
+    "mlp_bias": False,
+  }
+  if model_type == "mistral":
+    hf["sliding_window"] = c.window or None
+  return hf
+
+
+CONVERTERS: dict[str, Converter] = {
+  "llama": Converter(
+    architectures=("LlamaForCausalLM",),
+    to_config=_llama_config,
+    rules=_llama_rules,
+    to_hf_config=_llama_hf_config,
+    ignored=("rotary_emb.inv_freq",),
+  ),
+  "mistral": Converter(
+    architectures=("MistralForCausalLM",),
+    to_config=_mistral_config,
+    rules=_llama_rules,
+    to_hf_config=lambda c: _llama_hf_config(c, "mistral"),
+    ignored=("rotary_emb.inv_freq",),
+  ),
+}
+
+
+def export_model_type(config: ModelConfig) -> str:
+  """The Hugging Face model_type a Fulcrum model is saved as."""
+  if config.arch == "transformer":
+    return "mistral" if config.window else "llama"  # HF Llama has no sliding window.
+  raise UserError(f"save_pretrained cannot export model.arch {config.arch!r}; use a transformer")
+
+
+# --- load / save -----------------------------------------------------------------------------
+
+
+def _checked_rules(converter: Converter, model: LM) -> list[tuple[Rule, tuple[int, ...]]]:
+  """Each rule with its parameter's shape; the rules must cover the params tree exactly."""
+  tree = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+  shapes = {k: v.shape for k, v in traverse_util.flatten_dict(nn.unbox(tree["params"])).items()}
+  rules = converter.rules(model.config)
+  if sorted(r.path for r in rules) != sorted(shapes):
+    raise AssertionError(f"converter rules {[r.path for r in rules]} != params {sorted(shapes)}")
+  return [(r, shapes[r.path]) for r in rules]
+
+
+_FOLDER_HINT = "pass a local Hugging Face checkpoint folder (config.json + *.safetensors)"
+
+
+def _open_folder(path: str | Path) -> tuple[Path, dict[str, Any]]:
+  """Checks the folder and reads its config.json."""
+  folder = Path(path).expanduser()
+  if not folder.exists():
+    raise UserError(f"checkpoint folder {folder} does not exist; {_FOLDER_HINT}")
+  if not folder.is_dir():
+    raise UserError(f"{folder} is a file, not a folder; {_FOLDER_HINT}")
+  config_file = folder / "config.json"
+  if not config_file.is_file():
+    raise UserError(f"no config.json in {folder}; {_FOLDER_HINT}")
+  try:
+    hf = json.loads(config_file.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{config_file} is not valid JSON ({e}); re-download or fix it") from None
+  if not isinstance(hf, dict):
+    raise UserError(f"{config_file} is not a JSON object; re-download or fix it")
+  return folder, hf
+
+
+def _converter(hf: Mapping[str, Any], folder: Path) -> tuple[str, Converter]:
+  model_type = hf.get("model_type")
+  supported = ", ".join(sorted(CONVERTERS))
+  if model_type not in CONVERTERS:
+    what = f"model_type {model_type!r}" if model_type else "no model_type"
+    raise UserError(f"{folder}/config.json has {what}; Fulcrum can load model_type: {supported}")
+  converter = CONVERTERS[model_type]
+  archs = hf.get("architectures") or []
+  if archs and not set(archs) & set(converter.architectures):
+    raise UserError(
+      f"{folder}/config.json has architectures {archs}; Fulcrum loads "
+      f"{', '.join(converter.architectures)} (a causal LM with its lm_head)"
+    )
+  return model_type, converter
+
+
+def _no_weights_error(folder: Path) -> UserError:
+  pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+  if not pickles:
+    return UserError(f"no *.safetensors weights in {folder}; download the model's safetensors")
+  return UserError(
+    f"{folder} has PyTorch pickle weights ({pickles[0]}) but no *.safetensors; convert them to "
+    "safetensors (transformers: save_pretrained(dir, safe_serialization=True)) — Fulcrum reads "
+    "safetensors only"
+  )
+
+
+def load_pretrained(path: str | Path, *, dtype: str = "float32") -> tuple[LM, Params]:
+  """Loads a local Hugging Face checkpoint folder as a Fulcrum model and its params.
+
+  Args:
+    path: a folder with config.json and the safetensors weights (one `*.safetensors` file, or
+      shards listed by `model.safetensors.index.json`), as written by `save_pretrained` in
+      transformers or here. Supported `model_type`s are the keys of `CONVERTERS`.
+    dtype: the dtype the model computes in (`ModelConfig.dtype`); params are float32 whatever
+      the checkpoint stores.
+
+  Returns:
+    `(model, params)`: `model.apply({"params": params}, tokens)` gives float32 logits
+    [b, t, v]. `params` holds float32 numpy arrays in the tree of `model.init(...)["params"]`
+    (unboxed).
+
+  Raises:
+    UserError: the folder, its config or its weights cannot be loaded; the message says why.
+  """
+  if dtype not in ("float32", "bfloat16", "float16"):
+    raise UserError(f"dtype {dtype!r} is not supported; use float32, bfloat16 or float16")
+  folder, hf = _open_folder(path)
+  model_type, converter = _converter(hf, folder)
+  config = ModelConfig(**converter.to_config(hf), dtype=dtype)
+  model = build(config)
+
+  if not any(folder.glob("*.safetensors")):
+    raise _no_weights_error(folder)
+  weights, rules = open_checkpoint(folder), _checked_rules(converter, model)
+  missing = [r.hf_name for r, _ in rules if r.hf_name not in weights]
+  if missing:
+    raise UserError(
+      f"tensor {_some(missing)} is missing from {folder}; the checkpoint is "
+      f"incomplete or not a {converter.architectures[0]} — re-download it"
+    )
+  known = {r.hf_name for r, _ in rules} | ({"lm_head.weight"} if config.tie_embeddings else set())
+  unexpected = [n for n in weights if n not in known and not any(s in n for s in converter.ignored)]
+  if unexpected:
+    raise UserError(
+      f"{folder} holds tensor {_some(sorted(unexpected))}, which a {model_type} "
+      "model with this config.json lacks; make config.json (e.g. its bias or "
+      "tie_word_embeddings settings) match the weights"
+    )
+  flat = {}
+  for rule, shape in rules:
+    want, got = rule.layout.hf_shape(shape), weights[rule.hf_name].shape(rule.hf_name)
+    if tuple(got) != tuple(want):
+      raise UserError(
+        f"tensor {rule.hf_name!r} has shape {tuple(got)} but config.json implies "
+        f"{tuple(want)}; the config and weights of {folder} do not match"
+      )
+    array = weights[rule.hf_name][rule.hf_name]
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+      raise UserError(f"tensor {rule.hf_name!r} is {array.dtype}, not float; re-save it as float")
+    flat[rule.path] = np.ascontiguousarray(rule.layout.to_fulcrum(array.astype(np.float32), shape))
+  return model, traverse_util.unflatten_dict(flat)
+
+
+def _some(names: list[str]) -> str:
+  """'a' or "'a' (and 3 more)": the first of a list of names for an error message."""
+  return f"{names[0]!r}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+
+def _unscanned(params: Params, config: ModelConfig) -> Params:
+  """Params of a `scan_layers` model (blocks/block stacked on axis 0) as blocks_0, blocks_1..."""
+  if not config.scan_layers:
+    return params
+  params = dict(params)
+  stacked = params.pop("blocks")["block"]
+  for i in range(config.num_layers):
+    params[f"blocks_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  return params
+
+
+def save_pretrained(
+  model: LM,
+  params: Params,
+  path: str | Path,
+  *,
+  dtype: str = "float32",
+  max_position_embeddings: int = 4096,
+) -> Path:
+  """Writes a Fulcrum transformer as a Hugging Face checkpoint folder that transformers opens.
+
+  The folder gets config.json (LlamaForCausalLM, or MistralForCausalLM when the model uses a
+  sliding window) and model.safetensors. With the default float32 weights,
+  `load_pretrained(path)` gives back exactly these params.
+
+  Args:
+    model: the `LM` (its `config` decides the architecture written).
+    params: its params, boxed or unboxed, with or without the outer {"params": ...}.
+    path: the folder to write (created if needed; existing files of the same name replaced).
+    dtype: the dtype stored in the safetensors file: float32, bfloat16 or float16.
+    max_position_embeddings: the context length written to config.json (Fulcrum's RoPE has
+      no limit; transformers uses it as a default generation limit).
+
+  Returns:
+    The folder written.
+
+  Raises:
+    UserError: the architecture cannot be exported, or the params do not fit the model.
+  """
+  if dtype not in ("float32", "bfloat16", "float16"):
+    raise UserError(f"dtype {dtype!r} cannot be saved; use float32, bfloat16 or float16")
+  config = model.config
+  model_type = export_model_type(config)
+  converter = CONVERTERS[model_type]
+  params = nn.unbox(params)
+  if set(params) == {"params"}:
+    params = params["params"]
+  flat = traverse_util.flatten_dict(_unscanned(params, config))
+  config = dataclasses.replace(config, scan_layers=False, remat=False)
+  rules = _checked_rules(converter, build(config))
+  tensors = {}
+  storage = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+  for rule, shape in rules:
+    value = flat.pop(rule.path, None)
+    if value is None or tuple(value.shape) != tuple(shape):
+      got = "missing" if value is None else f"of shape {tuple(value.shape)}"
+      raise UserError(
+        f"param {'/'.join(rule.path)} is {got} but the model needs {shape}; "
+        "pass the params that belong to this model"
+      )
+    tensors[rule.hf_name] = rule.layout.to_hf(np.asarray(value, np.float32)).astype(storage)
+  if flat:
+    raise UserError(
+      f"params {_some(['/'.join(k) for k in flat])} are not the model's; pass its own"
+    )
+
+  folder = Path(path).expanduser()
+  folder.mkdir(parents=True, exist_ok=True)
+  for stale in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors.index.json"]:
+    stale.unlink(missing_ok=True)  # A sharded checkpoint saved here before would shadow ours.
+  hf = {
+    **converter.to_hf_config(config),
+    "max_position_embeddings": max_position_embeddings,
+    "torch_dtype": dtype,  # transformers 4.x name ...
+    "dtype": dtype,  # ... and 5.x.
+  }
+  (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+  write_safetensors(folder / "model.safetensors", tensors, {"format": "pt"})
+  return folder
