@@ -71,7 +71,7 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
   def __init__(self, path: str | Path):
     self.path = Path(path)
     self.metadata, self._entries = _read_header(self.path)
-    self._buffer: np.memmap | None = None
+    self._buffer: np.ndarray | None = None
 
   def shape(self, name: str) -> tuple[int, ...]:
     return self._entries[name].shape
@@ -79,7 +79,8 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
   def __getitem__(self, name: str) -> np.ndarray:
     entry = self._entries[name]
     if self._buffer is None:
-      self._buffer = np.memmap(self.path, dtype=np.uint8, mode="r")
+      # A plain ndarray over the map, so that views of it are plain ndarrays too.
+      self._buffer = np.asarray(np.memmap(self.path, dtype=np.uint8, mode="r"))
     return self._buffer[entry.start : entry.end].view(entry.dtype).reshape(entry.shape)
 
   def __iter__(self) -> Iterator[str]:
@@ -146,7 +147,7 @@ def write_safetensors(
     dtype = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
     if dtype not in _DTYPE_NAMES:
       raise ValueError(f"{name}: dtype {a.dtype} has no safetensors equivalent")
-    arrays[name] = a = np.ascontiguousarray(a, dtype=dtype)
+    arrays[name] = a = np.asarray(a, dtype=dtype, order="C")  # Keeps 0-d shapes.
     header[name] = {
       "dtype": _DTYPE_NAMES[dtype],
       "shape": list(a.shape),
@@ -512,7 +513,7 @@ def load_pretrained(path: str | Path, *, dtype: str = "float32") -> tuple[LM, Pa
     array = weights[rule.hf_name][rule.hf_name]
     if not jnp.issubdtype(array.dtype, jnp.floating):
       raise UserError(f"tensor {rule.hf_name!r} is {array.dtype}, not float; re-save it as float")
-    flat[rule.path] = np.ascontiguousarray(rule.layout.to_fulcrum(array.astype(np.float32), shape))
+    flat[rule.path] = np.asarray(rule.layout.to_fulcrum(array.astype(np.float32), shape), order="C")
   return model, traverse_util.unflatten_dict(flat)
 
 
@@ -526,7 +527,7 @@ def _unscanned(params: Params, config: ModelConfig) -> Params:
   if not config.scan_layers:
     return params
   params = dict(params)
-  stacked = params.pop("blocks")["block"]
+  stacked = params.pop("blocks", {}).get("block", {})  # Absent: reported as missing params.
   for i in range(config.num_layers):
     params[f"blocks_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
   return params

@@ -32,7 +32,7 @@ def reference(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def logits(model: LM, params, tokens) -> np.ndarray:
-  return np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
+  return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens)))
 
 
 def flat(params) -> dict:
@@ -59,7 +59,10 @@ def test_logits_match_transformers(loaded, name):
 def test_configs_are_mapped(loaded):
   llama, mistral = loaded["tiny_llama"][0].config, loaded["tiny_mistral"][0].config
   assert (llama.num_kv_heads, llama.per_head_dim, llama.window, llama.tie_embeddings) == (
-    2, 16, 0, False,
+    2,
+    16,
+    0,
+    False,
   )
   assert (llama.norm_eps, llama.rope_theta, llama.hidden_dim) == (1e-5, 1e4, 96)
   assert (mistral.num_kv_heads, mistral.per_head_dim, mistral.window) == (1, 24, 8)
@@ -77,7 +80,8 @@ def test_fixture_exercises_sliding_window(loaded):
 @pytest.mark.parametrize("name", NAMES)
 def test_params_are_plain_float32_in_the_init_tree(loaded, name):
   model, params = loaded[name]
-  init = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  init = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  init = nn.unbox(init["params"])
   assert jax.tree.structure(params) == jax.tree.structure(init)
   for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(init), strict=True):
     assert type(p) is np.ndarray and p.dtype == np.float32 and p.shape == q.shape
@@ -165,12 +169,22 @@ def test_save_load_round_trip_is_exact(loaded, tmp_path, name, model_type):
 def test_save_scanned_model_with_boxed_params(tmp_path):
   """A freshly initialised scan_layers model (boxed, stacked params) exports per layer."""
   config = ModelConfig(
-    vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, window=5,
-    scan_layers=True, tie_embeddings=False,
+    vocab_size=64,
+    d_model=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    window=5,
+    scan_layers=True,
+    tie_embeddings=False,
   )
   model = build(config)
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
-  variables = model.init(jax.random.key(0), tokens)
+  # Random values in the boxed tree `init` makes (a real init of a scanned model compiles slowly).
+  shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32) / 4, shapes)
+  assert isinstance(variables["params"]["blocks"]["block"]["attn"]["q"]["kernel"], nn.Partitioned)
   hf.save_pretrained(model, variables, tmp_path)
   again, params = hf.load_pretrained(tmp_path)
   assert not again.config.scan_layers and again.config.window == 5
@@ -179,7 +193,10 @@ def test_save_scanned_model_with_boxed_params(tmp_path):
     for key, value in flat(params[f"blocks_{i}"]).items():
       np.testing.assert_array_equal(value, flat(stacked)[key][i], err_msg=key)
   np.testing.assert_allclose(
-    logits(again, params, tokens), np.asarray(model.apply(variables, tokens)), rtol=1e-5, atol=1e-5
+    logits(again, params, tokens),
+    np.asarray(jax.jit(model.apply)(variables, tokens)),
+    rtol=1e-5,
+    atol=1e-5,
   )
 
 
@@ -205,6 +222,12 @@ def test_save_rejects_params_of_another_model(loaded, tmp_path):
 # --- safetensors -------------------------------------------------------------------------------
 
 
+def memory_mapped(array: np.ndarray) -> bool:
+  while array is not None and not isinstance(array, np.memmap):
+    array = array.base
+  return array is not None
+
+
 @pytest.mark.parametrize(
   "dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.int64, np.int32, np.uint8, np.bool_]
 )
@@ -226,7 +249,7 @@ def test_safetensors_round_trip(tmp_path, dtype):
   for key, value in tensors.items():
     assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
     np.testing.assert_array_equal(got[key], value)
-    assert isinstance(got[key].base, np.memmap) or isinstance(got[key], np.memmap)
+    assert memory_mapped(got[key]), key
 
 
 def test_reads_files_written_by_the_safetensors_library():
