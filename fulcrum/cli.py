@@ -116,21 +116,18 @@ def _cmd_decode(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-  import importlib.util
+  import importlib
 
   available = sorted(p.stem.removeprefix("bench_") for p in BENCH_DIR.glob("bench_*.py"))
   if args.name not in available:
     raise UserError(f"unknown benchmark {args.name!r}; available: {', '.join(available)}")
-  spec = importlib.util.spec_from_file_location(
-    f"bench_{args.name}", BENCH_DIR / f"bench_{args.name}.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  # Benchmarks live in the repository's benchmarks/ folder, beside the package.
+  if str(BENCH_DIR.parent) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR.parent))
+  module = importlib.import_module(f"benchmarks.bench_{args.name}")
   result = module.run(quick=args.quick)
-  if args.json:
-    print(json.dumps(result, indent=2))
-  else:
-    print(result.get("markdown", json.dumps(result, indent=2)))
+  markdown = result.pop("markdown", "")
+  print(json.dumps(result, indent=2) if args.json else markdown)
   return 0
 
 

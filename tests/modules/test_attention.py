@@ -55,9 +55,9 @@ def test_dot_product_attention_matches_reference(kv_heads, window, explicit_posi
   pos = jnp.broadcast_to(jnp.arange(16), (2, 16)) if explicit_positions else None
   ref = _module(AttentionImpl.REFERENCE, window, kv_heads)
   params = ref.init(jax.random.key(1), x)
-  want, _ = ref.apply(params, x, pos)
+  want, _ = jax.jit(ref.apply)(params, x, pos)
   for impl in (AttentionImpl.AUTO, AttentionImpl.XLA):
-    got, _ = _module(impl, window, kv_heads).apply(params, x, pos)
+    got, _ = jax.jit(_module(impl, window, kv_heads).apply)(params, x, pos)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -77,10 +77,10 @@ def test_left_padding_is_ignored():
   x = jax.random.normal(jax.random.key(0), (1, 6, 32))
   m = _module(AttentionImpl.AUTO)
   params = m.init(jax.random.key(1), x)
-  want, _ = m.apply(params, x)
+  want, _ = jax.jit(m.apply)(params, x)
   padded = jnp.concatenate([jnp.zeros((1, 3, 32)), x], axis=1)
   pos = jnp.array([[-1, -1, -1, 0, 1, 2, 3, 4, 5]])
-  got, _ = m.apply(params, padded, pos, KVCache.init(1, 9, 2, 8))
+  got, _ = jax.jit(m.apply)(params, padded, pos, KVCache.init(1, 9, 2, 8))
   np.testing.assert_allclose(got[:, 3:], want, rtol=1e-5, atol=1e-5)
 
 
@@ -91,11 +91,12 @@ def test_cache_reproduces_full_pass(window, cache_size, chunks):
   x = jax.random.normal(jax.random.key(0), (2, 12, 32))
   m = _module(AttentionImpl.AUTO, window)
   params = m.init(jax.random.key(1), x)
-  want, _ = m.apply(params, x)
+  apply = jax.jit(m.apply)
+  want, _ = apply(params, x)
   cache, outs, start = KVCache.init(2, cache_size, 2, 8), [], 0
   for n in chunks:
     pos = jnp.broadcast_to(jnp.arange(start, start + n), (2, n))
-    y, cache = m.apply(params, x[:, start:start + n], pos, cache)
+    y, cache = apply(params, x[:, start:start + n], pos, cache)
     outs.append(y)
     start += n
   np.testing.assert_allclose(jnp.concatenate(outs, 1), want, rtol=1e-5, atol=1e-5)

@@ -15,17 +15,17 @@ BASE = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2
 def init(config, t=10):
   model = build(config)
   tokens = jax.random.randint(jax.random.key(0), (2, t), 0, config.vocab_size)
-  params = nn.unbox(model.init(jax.random.key(1), tokens)["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
   return model, params, tokens
 
 
 def decode_stepwise(model, params, tokens, cache_len=None):
   b, t = tokens.shape
   cache = model.init_cache(b, cache_len or t)
+  step = jax.jit(lambda p, x, pos, c: model.apply({"params": p}, x, pos, c, method=LM.decode))
   outs = []
   for i in range(t):
-    logits, cache = model.apply(
-      {"params": params}, tokens[:, i:i + 1], jnp.full((b, 1), i), cache, method=LM.decode)
+    logits, cache = step(params, tokens[:, i:i + 1], jnp.full((b, 1), i), cache)
     outs.append(logits)
   return jnp.concatenate(outs, axis=1)
 
@@ -36,7 +36,7 @@ def decode_stepwise(model, params, tokens, cache_len=None):
 def test_stepwise_decoding_reproduces_forward(scan_layers, window, tie):
   config = ModelConfig(**BASE, scan_layers=scan_layers, window=window, tie_embeddings=tie)
   model, params, tokens = init(config)
-  full = model.apply({"params": params}, tokens)
+  full = jax.jit(model.apply)({"params": params}, tokens)
   assert full.shape == (2, 10, 61) and full.dtype == jnp.float32
   np.testing.assert_allclose(decode_stepwise(model, params, tokens), full, rtol=1e-5, atol=1e-5)
 
@@ -50,7 +50,8 @@ def test_scan_and_unrolled_layers_agree():
   }
   flat = {**{k: v for k, v in params.items() if k != "blocks"}, **per_layer}
   np.testing.assert_allclose(
-    unrolled.apply({"params": flat}, tokens), scanned.apply({"params": params}, tokens),
+    jax.jit(unrolled.apply)({"params": flat}, tokens),
+    jax.jit(scanned.apply)({"params": params}, tokens),
     rtol=1e-5, atol=1e-5)
 
 
@@ -61,7 +62,7 @@ def test_remat_changes_nothing_numerically():
   def loss(m):
     return lambda p: m.apply({"params": p}, tokens).mean()
 
-  g1, g2 = jax.grad(loss(model))(params), jax.grad(loss(remat))(params)
+  g1, g2 = jax.jit(jax.grad(loss(model)))(params), jax.jit(jax.grad(loss(remat)))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
 
 

@@ -1,0 +1,51 @@
+"""Helpers shared by the benchmarks: timing, device description and result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_description() -> str:
+  d = jax.devices()[0]
+  kind = getattr(d, "device_kind", d.platform)
+  if d.platform == "cpu":
+    kind = f"{platform.processor() or platform.machine()} CPU"
+  return f"{len(jax.devices())}x {kind} ({jax.default_backend()}), jax {jax.__version__}"
+
+
+def time_call(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> float:
+  """Median wall time of `fn()` (which must block until its result is ready), in seconds."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_flops_per_s(n: int = 1024, repeats: int = 10) -> float:
+  """Throughput of one jitted float32 n×n @ n×n matmul on the default device."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jax.numpy.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jax.numpy.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  seconds = time_call(lambda: f(a, b).block_until_ready(), repeats=repeats, warmup=2)
+  return 2 * n**3 / seconds
+
+
+def write_results(name: str, result: dict, markdown: str) -> dict:
+  """Writes results/NAME.json and results/NAME.md; returns the result with the markdown."""
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+  (RESULTS / f"{name}.md").write_text(markdown + "\n")
+  return {**result, "markdown": markdown}
