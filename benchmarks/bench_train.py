@@ -21,13 +21,23 @@ from fulcrum.platform import trainer
 
 def _config(quick: bool):
   c = config_lib.base_config()
-  config_lib.apply_overrides(c, [
-    "model.d_model=512", "model.num_layers=4", "model.num_heads=8", "model.vocab_size=256",
-    "train.seq_len=512", "train.batch_size=8", "train.steps=1000", "model.dtype=float32",
-  ])
+  config_lib.apply_overrides(
+    c,
+    [
+      "model.d_model=512",
+      "model.num_layers=4",
+      "model.num_heads=8",
+      "model.vocab_size=256",
+      "train.seq_len=512",
+      "train.batch_size=8",
+      "train.steps=1000",
+      "model.dtype=float32",
+    ],
+  )
   if quick:
-    config_lib.apply_overrides(c, ["model.num_layers=1", "train.batch_size=2",
-                                   "train.seq_len=128", "model.d_model=128"])
+    config_lib.apply_overrides(
+      c, ["model.num_layers=1", "train.batch_size=2", "train.seq_len=128", "model.d_model=128"]
+    )
   c.lock()
   return c
 
@@ -45,10 +55,13 @@ def run(quick: bool = False) -> dict:
   state = exp.init_state()
   t = config.train
   rng = np.random.default_rng(0)
-  batch = trainer._global_batch(exp, {
-    k: rng.integers(0, 256, (t.batch_size, t.seq_len), dtype=np.int32)
-    for k in ("inputs", "targets")
-  })
+  batch = trainer._global_batch(
+    exp,
+    {
+      k: rng.integers(0, 256, (t.batch_size, t.seq_len), dtype=np.int32)
+      for k in ("inputs", "targets")
+    },
+  )
   step = trainer.jit_train_step(exp)
   start = time.perf_counter()
   with exp.activate():
@@ -72,9 +85,13 @@ def run(quick: bool = False) -> dict:
   tokens = t.batch_size * t.seq_len
   result = {
     "device": device_description(),
-    "config": {"d_model": config.model.d_model, "seq_len": t.seq_len,
-               "num_layers": config.model.num_layers, "batch_size": t.batch_size,
-               "params_m": round(n_params / 1e6, 2)},
+    "config": {
+      "d_model": config.model.d_model,
+      "seq_len": t.seq_len,
+      "num_layers": config.model.num_layers,
+      "batch_size": t.batch_size,
+      "params_m": round(n_params / 1e6, 2),
+    },
     "step_time_s": step_s,
     "tokens_per_s": tokens / step_s,
     "compile_time_s": compile_s,
@@ -83,16 +100,18 @@ def run(quick: bool = False) -> dict:
     "matmul_flops_per_s": matmul,
     "flops_ratio": achieved / matmul,
   }
-  md = "\n".join([
-    f"Train step, transformer d_model {config.model.d_model}, seq {t.seq_len}, "
-    f"{config.model.num_layers} layers, batch {t.batch_size} ({result['device']})",
-    "",
-    "| step time (s) | tokens/s | compile (s) | achieved GFLOP/s | f32 matmul GFLOP/s "
-    "| flops_ratio |",
-    "|---|---|---|---|---|---|",
-    f"| {step_s:.3f} | {tokens / step_s:,.0f} | {compile_s:.1f} | {achieved / 1e9:.1f} "
-    f"| {matmul / 1e9:.1f} | {achieved / matmul:.2f} |",
-  ])
+  md = "\n".join(
+    [
+      f"Train step, transformer d_model {config.model.d_model}, seq {t.seq_len}, "
+      f"{config.model.num_layers} layers, batch {t.batch_size} ({result['device']})",
+      "",
+      "| step time (s) | tokens/s | compile (s) | achieved GFLOP/s | f32 matmul GFLOP/s "
+      "| flops_ratio |",
+      "|---|---|---|---|---|---|",
+      f"| {step_s:.3f} | {tokens / step_s:,.0f} | {compile_s:.1f} | {achieved / 1e9:.1f} "
+      f"| {matmul / 1e9:.1f} | {achieved / matmul:.2f} |",
+    ]
+  )
   if quick:
     return {**result, "markdown": md}
   return write_results("train", result, md)

@@ -67,8 +67,10 @@ def _cmd_train(args) -> int:
   result = train(config, args.workdir)
   workdir = Path(result["workdir"])
   if "eval/bits_per_byte" in result:
-    print(f"step {result['step']}: validation loss {result['eval/loss']:.4f}, "
-          f"bits/byte {result['eval/bits_per_byte']:.3f}")
+    print(
+      f"step {result['step']}: validation loss {result['eval/loss']:.4f}, "
+      f"bits/byte {result['eval/bits_per_byte']:.3f}"
+    )
   print(f"metrics: {workdir / 'metrics.jsonl'}")
   print(f"tensorboard: tensorboard --logdir {workdir / 'tensorboard'}")
   print(f"checkpoints: {workdir / 'checkpoints'}")
@@ -103,13 +105,28 @@ def _cmd_decode(args) -> int:
   prompt = tok.encode(args.prompt)
   temperature = 0.0 if args.strategy == "greedy" else args.temperature
   start = time.perf_counter()
-  out = generate(exp.model, state.params, prompt[None], args.max_new_tokens,
-                 temperature=temperature, seed=args.seed)[0]
+  out = generate(
+    exp.model,
+    state.params,
+    prompt[None],
+    args.max_new_tokens,
+    temperature=temperature,
+    seed=args.seed,
+  )[0]
   elapsed = time.perf_counter() - start
   text = tok.decode(out)
   if args.json:
-    print(json.dumps({"text": text, "tokens": out.tolist(), "target_calls": len(out),
-                      "draft_calls": 0, "tokens_per_s": len(out) / elapsed}))
+    print(
+      json.dumps(
+        {
+          "text": text,
+          "tokens": out.tolist(),
+          "target_calls": len(out),
+          "draft_calls": 0,
+          "tokens_per_s": len(out) / elapsed,
+        }
+      )
+    )
   else:
     print(args.prompt + text)
   return 0
@@ -140,8 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
   t = sub.add_parser("train", help="train (or resume) a recipe in a workdir")
   t.add_argument("--recipe", required=True)
   t.add_argument("--workdir", required=True)
-  t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                 help="override a config key (repeatable), e.g. --set train.steps=100")
+  t.add_argument(
+    "--set",
+    action="append",
+    metavar="KEY=VALUE",
+    help="override a config key (repeatable), e.g. --set train.steps=100",
+  )
   t.set_defaults(fn=_cmd_train)
 
   e = sub.add_parser("eval", help="validation metrics of a workdir's newest checkpoint")

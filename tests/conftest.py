@@ -49,6 +49,10 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: int = 6
 
   full_env = {**os.environ, **(env or {})}
   return subprocess.run(
-    [sys.executable, "-m", "fulcrum", *args], capture_output=True, text=True, env=full_env,
-    cwd=REPO, timeout=timeout,
+    [sys.executable, "-m", "fulcrum", *args],
+    capture_output=True,
+    text=True,
+    env=full_env,
+    cwd=REPO,
+    timeout=timeout,
   )

@@ -36,18 +36,27 @@ def test_recipes_lists_every_recipe():
   "args,fragments",
   [
     (["train", "--recipe", "nope", "--workdir", "/tmp/x"], ["unknown recipe 'nope'", "demo"]),
-    (["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "model.bogus=1"],
-     ["unknown config key 'model.bogus'", "d_model"]),
-    (["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "bogus.key=1"],
-     ["unknown config key 'bogus.key'"]),
-    (["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "train.steps=ten"],
-     ["train.steps", "int"]),
-    (["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "model.tie_embeddings=maybe"],
-     ["model.tie_embeddings", "bool"]),
-    (["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "train.steps"],
-     ["key=value"]),
-    (["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "model.arch=rnn"],
-     ["model.arch='rnn'"]),
+    (
+      ["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "model.bogus=1"],
+      ["unknown config key 'model.bogus'", "d_model"],
+    ),
+    (
+      ["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "bogus.key=1"],
+      ["unknown config key 'bogus.key'"],
+    ),
+    (
+      ["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "train.steps=ten"],
+      ["train.steps", "int"],
+    ),
+    (
+      ["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "model.tie_embeddings=maybe"],
+      ["model.tie_embeddings", "bool"],
+    ),
+    (["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "train.steps"], ["key=value"]),
+    (
+      ["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "model.arch=rnn"],
+      ["model.arch='rnn'"],
+    ),
     (["train", "--recipe", "demo"], ["--workdir"]),
     (["frobnicate"], ["invalid choice"]),
     (["eval", "--workdir", "/nonexistent/run"], ["config.json"]),
@@ -69,35 +78,74 @@ def test_unwritable_workdir(tmp_path):
     workdir = target / "run"
   else:
     workdir = locked / "run"
-  assert_user_error(run_cli(["train", "--recipe", "demo", "--workdir", str(workdir)]),
-                    "not writable")
+  assert_user_error(
+    run_cli(["train", "--recipe", "demo", "--workdir", str(workdir)]), "not writable"
+  )
 
 
 def test_missing_dataset(tmp_path):
-  result = run_cli(["train", "--recipe", "demo", "--workdir", str(tmp_path / "run"),
-                    *sets([f"data.text_files={tmp_path}/nothing/*.txt",
-                           f"data.data_dir={tmp_path}/tfds"])])
+  result = run_cli(
+    [
+      "train",
+      "--recipe",
+      "demo",
+      "--workdir",
+      str(tmp_path / "run"),
+      *sets([f"data.text_files={tmp_path}/nothing/*.txt", f"data.data_dir={tmp_path}/tfds"]),
+    ]
+  )
   assert_user_error(result, "matched no files")
-  result = run_cli(["train", "--recipe", "demo", "--workdir", str(tmp_path / "run2"),
-                    *sets(["data.tfds_name=no_such_dataset_xyz",
-                           f"data.data_dir={tmp_path}/tfds"])])
+  result = run_cli(
+    [
+      "train",
+      "--recipe",
+      "demo",
+      "--workdir",
+      str(tmp_path / "run2"),
+      *sets(["data.tfds_name=no_such_dataset_xyz", f"data.data_dir={tmp_path}/tfds"]),
+    ]
+  )
   assert_user_error(result, "no_such_dataset_xyz")
 
 
 def test_train_eval_decode_round_trip(tiny_corpus, tmp_path):
   workdir = str(tmp_path / "run")
-  result = run_cli(["train", "--recipe", "demo", "--workdir", workdir,
-                    *sets(tiny_overrides(tiny_corpus, **{"train.steps": 6}))])
+  result = run_cli(
+    [
+      "train",
+      "--recipe",
+      "demo",
+      "--workdir",
+      workdir,
+      *sets(tiny_overrides(tiny_corpus, **{"train.steps": 6})),
+    ]
+  )
   assert result.returncode == 0, result.stderr
   assert "bits/byte" in result.stdout and "metrics.jsonl" in result.stdout
   assert "tensorboard" in result.stdout
 
-  again = run_cli(["train", "--recipe", "demo", "--workdir", workdir,
-                   *sets(tiny_overrides(tiny_corpus, **{"train.steps": 6}))])
+  again = run_cli(
+    [
+      "train",
+      "--recipe",
+      "demo",
+      "--workdir",
+      workdir,
+      *sets(tiny_overrides(tiny_corpus, **{"train.steps": 6})),
+    ]
+  )
   assert again.returncode == 0 and "already trained" in again.stderr
 
-  changed = run_cli(["train", "--recipe", "demo", "--workdir", workdir,
-                     *sets(tiny_overrides(tiny_corpus, **{"model.d_model": 64}))])
+  changed = run_cli(
+    [
+      "train",
+      "--recipe",
+      "demo",
+      "--workdir",
+      workdir,
+      *sets(tiny_overrides(tiny_corpus, **{"model.d_model": 64})),
+    ]
+  )
   assert_user_error(changed, "different model", "model.d_model")
 
   ev = run_cli(["eval", "--workdir", workdir, "--json"])
@@ -105,8 +153,9 @@ def test_train_eval_decode_round_trip(tiny_corpus, tmp_path):
   metrics = json.loads(ev.stdout)
   assert metrics["step"] == 6 and metrics["eval/bits_per_byte"] > 0
 
-  dec = run_cli(["decode", "--workdir", workdir, "--prompt", "def f(", "--max-new-tokens", "8",
-                 "--json"])
+  dec = run_cli(
+    ["decode", "--workdir", workdir, "--prompt", "def f(", "--max-new-tokens", "8", "--json"]
+  )
   assert dec.returncode == 0, dec.stderr
   out = json.loads(dec.stdout)
   assert len(out["tokens"]) == 8 and isinstance(out["text"], str)

@@ -9,13 +9,15 @@ from tests.conftest import REPO, tiny_overrides
 
 
 def test_quickstart_runs(tiny_corpus, tmp_path, monkeypatch):
-  overrides = tiny_overrides(tiny_corpus, **{"train.steps": 4, "train.eval_every": 4,
-                                             "train.log_every": 2})
+  overrides = tiny_overrides(
+    tiny_corpus, **{"train.steps": 4, "train.eval_every": 4, "train.log_every": 2}
+  )
   monkeypatch.setenv("FULCRUM_NOTEBOOK_OVERRIDES", ";".join(overrides))
   monkeypatch.setenv("FULCRUM_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
   nb = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
-  NotebookClient(nb, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": str(REPO)}}).execute()
+  NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+  ).execute()
   outputs = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
   assert "validation bits/byte" in outputs
   assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))

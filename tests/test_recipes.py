@@ -1,6 +1,5 @@
 """Every recipe builds, validates and runs one train step."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -20,10 +19,16 @@ def test_recipe_builds_and_runs_a_step(name, tiny_corpus):
   config = recipes.get(name)
   config_lib.validate(config)
   # Real sizes, short sequences: the recipe's model must build and take a step as written.
-  config_lib.apply_overrides(config, [
-    f"data.text_files={tiny_corpus['text_files']}", f"data.data_dir={tiny_corpus['data_dir']}",
-    "train.batch_size=2", "train.seq_len=16", "train.grad_accum_steps=1",
-  ])
+  config_lib.apply_overrides(
+    config,
+    [
+      f"data.text_files={tiny_corpus['text_files']}",
+      f"data.data_dir={tiny_corpus['data_dir']}",
+      "train.batch_size=2",
+      "train.seq_len=16",
+      "train.grad_accum_steps=1",
+    ],
+  )
   exp = trainer.build_experiment(config)
   state = exp.init_state()
   step = trainer.jit_train_step(exp)
@@ -37,4 +42,3 @@ def test_recipes_are_locked():
   config = recipes.get("demo")
   with pytest.raises(AttributeError):
     config.model.not_a_key = 1
-  del jax

@@ -41,8 +41,9 @@ class KVCache(NamedTuple):
   end_index: Int[Array, ""]  # Tokens written so far; the next slot is end_index mod s.
 
   @classmethod
-  def init(cls, batch: int, size: int, num_kv_heads: int, head_dim: int,
-           dtype: jnp.dtype = jnp.float32) -> KVCache:
+  def init(
+    cls, batch: int, size: int, num_kv_heads: int, head_dim: int, dtype: jnp.dtype = jnp.float32
+  ) -> KVCache:
     z = jnp.zeros((batch, size, num_kv_heads, head_dim), dtype)
     return cls(z, z, jnp.full((batch, size), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -124,14 +125,20 @@ class Attention(nn.Module):
     elif cache is None and implicit_positions:
       # Plain causal (or banded) training pass: let the kernel build the mask itself.
       out = jax.nn.dot_product_attention(
-        q, keys.astype(q.dtype), values.astype(q.dtype), is_causal=True,
+        q,
+        keys.astype(q.dtype),
+        values.astype(q.dtype),
+        is_causal=True,
         local_window_size=(self.window - 1, 0) if self.window else None,
         implementation=None if self.impl == AttentionImpl.AUTO else str(self.impl),
       )
     else:
       mask = attention_mask(positions, k_pos, self.window)
       out = jax.nn.dot_product_attention(
-        q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask,
+        q,
+        keys.astype(q.dtype),
+        values.astype(q.dtype),
+        mask=mask,
         implementation=None if self.impl == AttentionImpl.AUTO else str(self.impl),
       )
       # Rows that see no key at all (padding) come back as zeros, as in the reference.
@@ -147,8 +154,8 @@ def _write(cache: KVCache, k: Array, v: Array, positions: Array) -> KVCache:
   keep = min(t, size)  # Only the last `size` tokens can survive in a ring buffer.
   slots = (cache.end_index + t - keep + jnp.arange(keep)) % size
   return KVCache(
-    k=cache.k.at[:, slots].set(k[:, t - keep:].astype(cache.k.dtype)),
-    v=cache.v.at[:, slots].set(v[:, t - keep:].astype(cache.v.dtype)),
-    positions=cache.positions.at[:, slots].set(positions[:, t - keep:]),
+    k=cache.k.at[:, slots].set(k[:, t - keep :].astype(cache.k.dtype)),
+    v=cache.v.at[:, slots].set(v[:, t - keep :].astype(cache.v.dtype)),
+    positions=cache.positions.at[:, slots].set(positions[:, t - keep :]),
     end_index=cache.end_index + t,
   )

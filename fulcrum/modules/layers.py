@@ -107,21 +107,29 @@ class Dense(nn.Module):
   def __call__(self, x: Array) -> Array:
     n_in, n_out = len(self.in_shape), len(self.out_shape)
     init = nn.initializers.variance_scaling(
-      1.0, "fan_in", "truncated_normal",
-      in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)),
+      1.0,
+      "fan_in",
+      "truncated_normal",
+      in_axis=tuple(range(n_in)),
+      out_axis=tuple(range(n_in, n_in + n_out)),
     )
     kernel = self.param(
-      "kernel", nn.with_logical_partitioning(init, self.axes),
-      self.in_shape + self.out_shape, self.param_dtype,
+      "kernel",
+      nn.with_logical_partitioning(init, self.axes),
+      self.in_shape + self.out_shape,
+      self.param_dtype,
     )
     y = jax.lax.dot_general(
-      x.astype(self.dtype), kernel.astype(self.dtype),
+      x.astype(self.dtype),
+      kernel.astype(self.dtype),
       ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
     )
     if self.use_bias:
       bias = self.param(
-        "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
-        self.out_shape, self.param_dtype,
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
+        self.out_shape,
+        self.param_dtype,
       )
       y = y + bias.astype(self.dtype)
     return y

@@ -12,7 +12,10 @@ from fulcrum.modules.layers import BATCH, EMBED, LENGTH, GatedMLP, RMSNorm
 
 
 class TransformerBlock(nn.Module):
-  """One decoder block (Llama layout): RMSNorm → attention → residual, RMSNorm → SwiGLU → residual."""
+  """One decoder block in the Llama layout.
+
+  RMSNorm → attention → residual, then RMSNorm → SwiGLU MLP → residual.
+  """
 
   config: ModelConfig
 
@@ -27,8 +30,15 @@ class TransformerBlock(nn.Module):
     kw = dict(dtype=c.compute_dtype, param_dtype=jnp.float32)
     h = RMSNorm(c.norm_eps, name="attn_norm", **kw)(x)
     h, cache = Attention(
-      c.d_model, c.num_heads, c.kv_heads, c.per_head_dim, window=c.window,
-      rope_theta=c.rope_theta, impl=AttentionImpl(c.attention_impl), name="attn", **kw,
+      c.d_model,
+      c.num_heads,
+      c.kv_heads,
+      c.per_head_dim,
+      window=c.window,
+      rope_theta=c.rope_theta,
+      impl=AttentionImpl(c.attention_impl),
+      name="attn",
+      **kw,
     )(h, positions, cache)
     x = nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED))
     h = RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x)

@@ -65,8 +65,13 @@ class Checkpointer:
         return step, restored["state"], dict(restored["data"] or {})
       except Exception as e:  # orbax raises many types for unreadable files.
         aside = self.directory / f"corrupt-{step}-{int(time.time())}"
-        log.warning("checkpoint at step %d is unreadable (%s: %s); moved to %s, "
-                    "trying an earlier one", step, type(e).__name__, str(e)[:200], aside)
+        log.warning(
+          "checkpoint at step %d is unreadable (%s: %s); moved to %s, trying an earlier one",
+          step,
+          type(e).__name__,
+          str(e)[:200],
+          aside,
+        )
         if jax.process_index() == 0:
           (self.directory / str(step)).rename(aside)
         self._manager.close()

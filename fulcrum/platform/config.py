@@ -124,7 +124,7 @@ def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections
       )
     node = node[part]
   if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
-    known = ", ".join(sorted(k for k in node.keys() if not isinstance(node[k], dict)))
+    known = ", ".join(sorted(k for k in node if not isinstance(node[k], ml_collections.ConfigDict)))
     raise UserError(f"unknown config key {key!r}; known keys there: {known}")
   return node, leaf
 
@@ -149,34 +149,50 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not ok:
       raise UserError(msg)
 
-  for key in ("steps", "batch_size", "seq_len", "log_every", "keep_checkpoints",
-              "max_nan_steps", "grad_accum_steps", "checkpoint_every"):
+  for key in (
+    "steps",
+    "batch_size",
+    "seq_len",
+    "log_every",
+    "keep_checkpoints",
+    "max_nan_steps",
+    "grad_accum_steps",
+    "checkpoint_every",
+  ):
     need(t[key] > 0, f"train.{key} must be positive, got {t[key]}")
   need(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
   need(t.eval_batches > 0, f"train.eval_batches must be positive, got {t.eval_batches}")
-  need(t.batch_size % t.grad_accum_steps == 0,
-       f"train.batch_size={t.batch_size} must divide by train.grad_accum_steps="
-       f"{t.grad_accum_steps}")
+  need(
+    t.batch_size % t.grad_accum_steps == 0,
+    f"train.batch_size={t.batch_size} must divide by train.grad_accum_steps={t.grad_accum_steps}",
+  )
   need(m.arch in ARCHS, f"model.arch={m.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
   need(m.dtype in DTYPES, f"model.dtype={m.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
   for key in ("d_model", "num_layers", "num_heads", "vocab_size"):
     need(m[key] > 0, f"model.{key} must be positive, got {m[key]}")
   kv = m.num_kv_heads or m.num_heads
-  need(m.num_heads % kv == 0,
-       f"model.num_heads={m.num_heads} must divide by model.num_kv_heads={kv}")
-  need(m.head_dim > 0 or m.d_model % m.num_heads == 0,
-       f"model.d_model={m.d_model} must divide by model.num_heads={m.num_heads} "
-       "(or set model.head_dim)")
+  need(
+    m.num_heads % kv == 0, f"model.num_heads={m.num_heads} must divide by model.num_kv_heads={kv}"
+  )
+  need(
+    m.head_dim > 0 or m.d_model % m.num_heads == 0,
+    f"model.d_model={m.d_model} must divide by model.num_heads={m.num_heads} "
+    "(or set model.head_dim)",
+  )
   need(m.window >= 0, f"model.window must be >= 0, got {m.window}")
-  need(m.attention_impl in ("auto", "xla", "cudnn", "reference"),
-       f"model.attention_impl={m.attention_impl!r}: choose auto, xla, cudnn or reference")
+  need(
+    m.attention_impl in ("auto", "xla", "cudnn", "reference"),
+    f"model.attention_impl={m.attention_impl!r}: choose auto, xla, cudnn or reference",
+  )
   need(o.name in ("adamw",), f"optimizer.name={o.name!r} is unknown; choose one of adamw")
   need(o.learning_rate > 0, f"optimizer.learning_rate must be positive, got {o.learning_rate}")
   if "mesh" in config:
     for key in ("fsdp", "tensor"):
       need(config.mesh[key] >= 1, f"mesh.{key} must be >= 1, got {config.mesh[key]}")
-    need(config.mesh.data == -1 or config.mesh.data >= 1,
-         f"mesh.data must be -1 (auto) or >= 1, got {config.mesh.data}")
+    need(
+      config.mesh.data == -1 or config.mesh.data >= 1,
+      f"mesh.data must be -1 (auto) or >= 1, got {config.mesh.data}",
+    )
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -66,6 +66,12 @@ class MetricsWriter:
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
   """A training progress bar on stderr (off on hosts other than 0 or when disabled)."""
   return tqdm(
-    total=total, initial=initial, disable=not enabled or jax.process_index() != 0,
-    unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=1.0, leave=True,
+    total=total,
+    initial=initial,
+    disable=not enabled or jax.process_index() != 0,
+    unit="step",
+    dynamic_ncols=True,
+    file=sys.stderr,
+    mininterval=1.0,
+    leave=True,
   )

@@ -99,8 +99,12 @@ def _state_init_fn(model, tx, config):
     dummy = jnp.zeros((1, min(config.train.seq_len, 8)), jnp.int32)
     params = model.init(params_rng, dummy)["params"]
     return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
-      nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32),
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=state_rng,
+      nonfinite_run=jnp.zeros((), jnp.int32),
+      nonfinite_total=jnp.zeros((), jnp.int32),
     )
 
   return init
@@ -114,7 +118,8 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None) -> Experim
   boxed = jax.eval_shape(_state_init_fn(model, tx, config), jax.random.PRNGKey(0))
   state_sharding = sharding.logical_sharding(boxed, mesh)
   abstract = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    nn.unbox(boxed),
     state_sharding,
   )
   return Experiment(config, model, tx, schedule, mesh, abstract, state_sharding)
@@ -230,13 +235,16 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> P
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
-    raise UserError(f"workdir {workdir} is not writable ({e.strerror}); pass another --workdir")
+    raise UserError(
+      f"workdir {workdir} is not writable ({e.strerror}); pass another --workdir"
+    ) from None
   path = workdir / "config.json"
   if path.exists():
     old = config_lib.from_json(path.read_text())
     changed = [
       f"model.{k}: {old.model[k]!r} -> {config.model[k]!r}"
-      for k in config.model.keys() if k in old.model and old.model[k] != config.model[k]
+      for k in config.model
+      if k in old.model and old.model[k] != config.model[k]
     ]
     if changed:
       raise UserError(
@@ -279,8 +287,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
   exp = build_experiment(config)
   dp = sharding.data_parallel_size(exp.mesh)
   if t.batch_size % dp:
-    raise UserError(f"train.batch_size={t.batch_size} must divide by the {dp} data-parallel "
-                    "devices; change the batch size or mesh.*")
+    raise UserError(
+      f"train.batch_size={t.batch_size} must divide by the {dp} data-parallel "
+      "devices; change the batch size or mesh.*"
+    )
 
   data_kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = data_lib.make_train_iterator(
@@ -291,8 +301,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
   )
   log.info("data: %s", data_lib.data_config_summary(config.data))
 
-  ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
-                      async_save=t.async_checkpointing)
+  ckpt = Checkpointer(
+    workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing
+  )
   restored = ckpt.restore_latest(exp.abstract_state)
   if restored is None:
     state, start = exp.init_state(), 0
@@ -303,8 +314,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     log.info("resumed from step %d in %s", start, ckpt.directory)
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  log.info("model: %s, %.2fM parameters; mesh %s", config.model.arch, n_params / 1e6,
-           dict(exp.mesh.shape))
+  log.info(
+    "model: %s, %.2fM parameters; mesh %s", config.model.arch, n_params / 1e6, dict(exp.mesh.shape)
+  )
   writer = MetricsWriter(workdir, resume_step=start)
   train_step = jit_train_step(exp)
   eval_step = jax.jit(make_eval_step(exp))
@@ -335,24 +347,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
           metrics["tokens_per_s"] = interval_steps * tokens_per_step / max(elapsed, 1e-9)
           metrics["step_time_s"] = elapsed / interval_steps
           writer.write(step, metrics)
-          bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
-                          tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+          bar.set_postfix(
+            loss=f"{float(metrics['loss']):.3f}",
+            tok_s=f"{metrics['tokens_per_s']:.0f}",
+            refresh=False,
+          )
           last.update(metrics)
           interval_start, interval_steps = time.perf_counter(), 0
         if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
           ev = evaluate_params(exp, state.params, eval_batches, eval_step)
           writer.write(step, ev)
           last.update(ev)
-          bar.write(f"step {step}: eval loss {ev['eval/loss']:.4f}, "
-                    f"bits/byte {ev['eval/bits_per_byte']:.3f}")
+          bar.write(
+            f"step {step}: eval loss {ev['eval/loss']:.4f}, "
+            f"bits/byte {ev['eval/bits_per_byte']:.3f}"
+          )
           interval_start = time.perf_counter()
         bar.update(1)
         if step % t.checkpoint_every == 0 or step == t.steps or stop.received:
           ckpt.save(step, state, train_iter.get_state(), force=True)
         if stop.received:
           ckpt.wait()
-          log.warning("SIGTERM: saved a checkpoint at step %d; rerun the same command to "
-                      "resume", step)
+          log.warning(
+            "SIGTERM: saved a checkpoint at step %d; rerun the same command to resume", step
+          )
           last["preempted"] = True
           break
   finally:
@@ -360,11 +378,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     ckpt.close()
     writer.close()
   if pending_check is not None and int(pending_check) >= t.max_nan_steps:
-    raise FloatingPointError(f"{int(pending_check)} consecutive non-finite steps at the end "
-                             "of training; lower optimizer.learning_rate")
+    raise FloatingPointError(
+      f"{int(pending_check)} consecutive non-finite steps at the end "
+      "of training; lower optimizer.learning_rate"
+    )
   if step == start and not last:  # Already trained to train.steps: report where it stands.
-    log.info("%s is already trained to step %d (train.steps); raise train.steps to continue",
-             workdir, step)
+    log.info(
+      "%s is already trained to step %d (train.steps); raise train.steps to continue", workdir, step
+    )
     last.update(evaluate_params(exp, state.params, eval_batches, eval_step))
   last["step"] = step
   last["workdir"] = str(workdir)
@@ -395,7 +416,11 @@ def evaluate(workdir: str | Path) -> dict[str, float]:
   exp, state, step = load_workdir(workdir)
   t = exp.config.train
   batches = data_lib.make_eval_batches(
-    exp.config.data, seq_len=t.seq_len, batch_size=t.batch_size, num_batches=t.eval_batches,
-    process_index=jax.process_index(), process_count=jax.process_count(),
+    exp.config.data,
+    seq_len=t.seq_len,
+    batch_size=t.batch_size,
+    num_batches=t.eval_batches,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
   )
   return {"step": step, **evaluate_params(exp, state.params, batches)}

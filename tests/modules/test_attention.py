@@ -43,8 +43,15 @@ def test_reference_matches_naive_loop(heads, kv_heads, window):
 
 
 def _module(impl, window=0, kv_heads=2, dtype=jnp.float32):
-  return Attention(d_model=32, num_heads=4, num_kv_heads=kv_heads, head_dim=8, window=window,
-                   impl=impl, dtype=dtype)
+  return Attention(
+    d_model=32,
+    num_heads=4,
+    num_kv_heads=kv_heads,
+    head_dim=8,
+    window=window,
+    impl=impl,
+    dtype=dtype,
+  )
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
@@ -96,7 +103,7 @@ def test_cache_reproduces_full_pass(window, cache_size, chunks):
   cache, outs, start = KVCache.init(2, cache_size, 2, 8), [], 0
   for n in chunks:
     pos = jnp.broadcast_to(jnp.arange(start, start + n), (2, n))
-    y, cache = apply(params, x[:, start:start + n], pos, cache)
+    y, cache = apply(params, x[:, start : start + n], pos, cache)
     outs.append(y)
     start += n
   np.testing.assert_allclose(jnp.concatenate(outs, 1), want, rtol=1e-5, atol=1e-5)

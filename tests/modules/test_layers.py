@@ -24,14 +24,21 @@ def test_rope_rotates_pairs_and_preserves_norm():
   half = 4
   freq = 10000.0 ** (-np.arange(half) / half)
   ang = pos[..., None, None] * freq
-  want = np.concatenate([x[..., :half] * np.cos(ang) - x[..., half:] * np.sin(ang),
-                         x[..., half:] * np.cos(ang) + x[..., :half] * np.sin(ang)], -1)
+  want = np.concatenate(
+    [
+      x[..., :half] * np.cos(ang) - x[..., half:] * np.sin(ang),
+      x[..., half:] * np.cos(ang) + x[..., :half] * np.sin(ang),
+    ],
+    -1,
+  )
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
   # Relative: <rope(q, m), rope(k, n)> depends only on m - n.
   q, k = x[0, 0, 0], x[0, 1, 1]
-  dot = lambda m, n: float(rope(q[None, None, None], jnp.array([[m]]), 1e4).ravel()
-                           @ rope(k[None, None, None], jnp.array([[n]]), 1e4).ravel())
+  dot = lambda m, n: float(
+    rope(q[None, None, None], jnp.array([[m]]), 1e4).ravel()
+    @ rope(k[None, None, None], jnp.array([[n]]), 1e4).ravel()
+  )
   np.testing.assert_allclose(dot(5, 2), dot(13, 10), rtol=1e-4)
 
 
@@ -40,8 +47,9 @@ def test_dense_multi_axis_matches_einsum():
   m = Dense((4, 5), (6,), ("a", "b", "c"), use_bias=True)
   params = m.init(jax.random.key(0), x)
   k, b = params["params"]["kernel"].unbox(), params["params"]["bias"].unbox()
-  np.testing.assert_allclose(m.apply(params, x), np.einsum("btij,ijo->bto", x, k) + b,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    m.apply(params, x), np.einsum("btij,ijo->bto", x, k) + b, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_swiglu_matches_formula():
@@ -50,5 +58,6 @@ def test_swiglu_matches_formula():
   p = m.init(jax.random.key(0), x)["params"]
   g, u, d = (np.asarray(p[n]["kernel"].unbox()) for n in ("gate", "up", "down"))
   silu = lambda z: z / (1 + np.exp(-z))
-  np.testing.assert_allclose(m.apply({"params": p}, x), (silu(x @ g) * (x @ u)) @ d,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    m.apply({"params": p}, x), (silu(x @ g) * (x @ u)) @ d, rtol=1e-5, atol=1e-5
+  )

@@ -25,7 +25,7 @@ def decode_stepwise(model, params, tokens, cache_len=None):
   step = jax.jit(lambda p, x, pos, c: model.apply({"params": p}, x, pos, c, method=LM.decode))
   outs = []
   for i in range(t):
-    logits, cache = step(params, tokens[:, i:i + 1], jnp.full((b, 1), i), cache)
+    logits, cache = step(params, tokens[:, i : i + 1], jnp.full((b, 1), i), cache)
     outs.append(logits)
   return jnp.concatenate(outs, axis=1)
 
@@ -52,7 +52,9 @@ def test_scan_and_unrolled_layers_agree():
   np.testing.assert_allclose(
     jax.jit(unrolled.apply)({"params": flat}, tokens),
     jax.jit(scanned.apply)({"params": params}, tokens),
-    rtol=1e-5, atol=1e-5)
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_remat_changes_nothing_numerically():

@@ -8,34 +8,47 @@ from fulcrum.platform.errors import UserError
 
 def test_override_parses_to_default_type():
   c = config_lib.base_config()
-  config_lib.apply_overrides(c, ["train.steps=7", "optimizer.learning_rate=1e-4",
-                                 "model.tie_embeddings=false", "model.dtype=bfloat16",
-                                 "optimizer.learning_rate=2"])
+  config_lib.apply_overrides(
+    c,
+    [
+      "train.steps=7",
+      "optimizer.learning_rate=1e-4",
+      "model.tie_embeddings=false",
+      "model.dtype=bfloat16",
+      "optimizer.learning_rate=2",
+    ],
+  )
   assert c.train.steps == 7 and isinstance(c.train.steps, int)
   assert c.optimizer.learning_rate == 2.0 and isinstance(c.optimizer.learning_rate, float)
   assert c.model.tie_embeddings is False and c.model.dtype == "bfloat16"
 
 
-@pytest.mark.parametrize("item,match", [
-  ("train.nope=1", "unknown config key"),
-  ("nope.steps=1", "unknown config key"),
-  ("train=1", "unknown config key"),
-  ("train.steps=1.5", "expected a int"),
-  ("train.progress=perhaps", "expected a bool"),
-  ("train.steps", "key=value"),
-])
+@pytest.mark.parametrize(
+  "item,match",
+  [
+    ("train.nope=1", "unknown config key"),
+    ("nope.steps=1", "unknown config key"),
+    ("train=1", "unknown config key"),
+    ("train.steps=1.5", "expected a int"),
+    ("train.progress=perhaps", "expected a bool"),
+    ("train.steps", "key=value"),
+  ],
+)
 def test_bad_overrides(item, match):
   with pytest.raises(UserError, match=match):
     config_lib.apply_overrides(config_lib.base_config(), [item])
 
 
-@pytest.mark.parametrize("item,match", [
-  ("train.steps=0", "train.steps must be positive"),
-  ("model.num_kv_heads=3", "num_kv_heads"),
-  ("model.dtype=float8", "model.dtype"),
-  ("train.grad_accum_steps=3", "grad_accum_steps"),
-  ("mesh.fsdp=0", "mesh.fsdp"),
-])
+@pytest.mark.parametrize(
+  "item,match",
+  [
+    ("train.steps=0", "train.steps must be positive"),
+    ("model.num_kv_heads=3", "num_kv_heads"),
+    ("model.dtype=float8", "model.dtype"),
+    ("train.grad_accum_steps=3", "grad_accum_steps"),
+    ("mesh.fsdp=0", "mesh.fsdp"),
+  ],
+)
 def test_validation(item, match):
   c = config_lib.base_config()
   config_lib.apply_overrides(c, [item])

@@ -36,8 +36,15 @@ def assert_trees_equal(a, b):
 
 
 def test_trains_and_writes_workdir(tiny_corpus, tmp_path):
-  config = tiny_config(tiny_corpus, **{"train.steps": 30, "train.log_every": 10,
-                                       "train.eval_every": 15, "train.checkpoint_every": 10})
+  config = tiny_config(
+    tiny_corpus,
+    **{
+      "train.steps": 30,
+      "train.log_every": 10,
+      "train.eval_every": 15,
+      "train.checkpoint_every": 10,
+    },
+  )
   result = train_lib.train(config, tmp_path)
   rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if "loss" in r]
@@ -74,15 +81,21 @@ def test_grad_accumulation_matches_full_batch(tiny_corpus):
     config = tiny_config(tiny_corpus, **{"train.grad_accum_steps": accum})
     exp = train_lib.build_experiment(config)
     state = exp.init_state()
-    batch = {k: np.random.default_rng(1).integers(0, 256, (8, 32), dtype=np.int32)
-             for k in ("inputs", "targets")}
+    batch = {
+      k: np.random.default_rng(1).integers(0, 256, (8, 32), dtype=np.int32)
+      for k in ("inputs", "targets")
+    }
     with exp.activate():
       state, metrics = jax.jit(train_lib.make_train_step(exp))(
-        state, train_lib._global_batch(exp, batch))
+        state, train_lib._global_batch(exp, batch)
+      )
     results.append((jax.device_get(state.params), float(metrics["grad_norm"])))
   assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               results[0][0], results[1][0])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    results[0][0],
+    results[1][0],
+  )
 
 
 def test_nonfinite_updates_are_skipped_then_stop(tiny_corpus, tmp_path):
@@ -100,8 +113,15 @@ def test_nonfinite_updates_are_skipped_then_stop(tiny_corpus, tmp_path):
   assert int(new.opt_state[1][0].count) == 0
   del before
   # End to end: a learning rate that overflows stops with a clear error after N steps.
-  config = tiny_config(tiny_corpus, **{"optimizer.learning_rate": 1e38, "optimizer.clip_norm": 0,
-                                       "train.max_nan_steps": 3, "train.steps": 50})
+  config = tiny_config(
+    tiny_corpus,
+    **{
+      "optimizer.learning_rate": 1e38,
+      "optimizer.clip_norm": 0,
+      "train.max_nan_steps": 3,
+      "train.steps": 50,
+    },
+  )
   with pytest.raises(FloatingPointError, match="consecutive"):
     train_lib.train(config, tmp_path)
 
@@ -114,15 +134,21 @@ def _cli_train(workdir, corpus, extra=(), env=None):
 
 
 def test_resume_after_kill_equals_uninterrupted(tiny_corpus, tmp_path):
-  extra = {"train.steps": 40, "train.checkpoint_every": 5, "train.log_every": 5,
-           "train.eval_every": 0}
+  extra = {
+    "train.steps": 40,
+    "train.checkpoint_every": 5,
+    "train.log_every": 5,
+    "train.eval_every": 0,
+  }
   ref = run_cli(_cli_train(tmp_path / "ref", tiny_corpus, extra.items()))
   assert ref.returncode == 0, ref.stderr
 
   workdir = tmp_path / "killed"
   proc = subprocess.Popen(
     [sys.executable, "-m", "fulcrum", *_cli_train(workdir, tiny_corpus, extra.items())],
-    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
   )
   deadline = time.time() + 300
   ckpts = workdir / "checkpoints"
@@ -144,8 +170,11 @@ def test_resume_after_kill_equals_uninterrupted(tiny_corpus, tmp_path):
   assert step_a == step_b == 40
   assert_trees_equal(params_a, params_b)
   # metrics.jsonl reads as one run: each step logged once.
-  steps = [json.loads(r)["step"] for r in (workdir / "metrics.jsonl").read_text().splitlines()
-           if "loss" in json.loads(r)]
+  steps = [
+    json.loads(r)["step"]
+    for r in (workdir / "metrics.jsonl").read_text().splitlines()
+    if "loss" in json.loads(r)
+  ]
   assert steps == list(range(5, 45, 5))
 
 
@@ -153,7 +182,10 @@ def test_sigterm_saves_and_exits_cleanly(tiny_corpus, tmp_path):
   extra = {"train.steps": 100000, "train.checkpoint_every": 100000, "train.eval_every": 0}
   proc = subprocess.Popen(
     [sys.executable, "-m", "fulcrum", *_cli_train(tmp_path, tiny_corpus, extra.items())],
-    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
   )
   deadline = time.time() + 300
   while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
@@ -209,14 +241,23 @@ print(json.dumps(out))
 
 
 def test_data_fsdp_sharding_matches_single_device(tiny_corpus):
-  overrides = tiny_overrides(tiny_corpus, **{"model.d_model": 64, "model.num_heads": 4,
-                                             "model.num_kv_heads": 2})
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, json.dumps(overrides)],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  overrides = tiny_overrides(
+    tiny_corpus, **{"model.d_model": 64, "model.num_heads": 4, "model.num_kv_heads": 2}
+  )
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+  }
+  out = subprocess.run(
+    [sys.executable, "-c", SHARDED_SCRIPT, json.dumps(overrides)],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout.strip().splitlines()[-1])
-  np.testing.assert_allclose(result["data_fsdp"]["losses"], result["one"]["losses"],
-                             rtol=1e-5)
+  np.testing.assert_allclose(result["data_fsdp"]["losses"], result["one"]["losses"], rtol=1e-5)
   assert any("fsdp" in s for s in result["data_fsdp"]["specs"])  # Parameters really sharded.

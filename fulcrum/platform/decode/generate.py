@@ -57,6 +57,12 @@ def generate(
     raise ValueError("the prompt is empty")
   if max_new_tokens < 1:
     return np.zeros((prompt.shape[0], 0), np.int32)
-  out = _generate(model, params, prompt, jax.random.PRNGKey(seed),
-                  max_new_tokens=max_new_tokens, temperature=float(temperature))
+  out = _generate(
+    model,
+    params,
+    prompt,
+    jax.random.PRNGKey(seed),
+    max_new_tokens=max_new_tokens,
+    temperature=float(temperature),
+  )
   return np.asarray(out)

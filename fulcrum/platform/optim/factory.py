@@ -32,7 +32,11 @@ def make_optimizer(
   if opt.name != "adamw":
     raise ValueError(f"unknown optimizer.name {opt.name!r}")
   core = optax.adamw(
-    schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+    schedule,
+    b1=opt.b1,
+    b2=opt.b2,
+    eps=opt.eps,
+    weight_decay=opt.weight_decay,
     mask=decay_mask,
   )
   chain = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm > 0 else []
