@@ -221,7 +221,8 @@ config = recipes.get("demo")
 config_lib.apply_overrides(config, json.loads(sys.argv[1]))
 out = {}
 for name, mesh, devices in [("one", (1, 1, 1), jax.devices()[:1]),
-                            ("data_fsdp", (2, 4, 1), jax.devices())]:
+                            ("data_fsdp", (2, 4, 1), jax.devices()),
+                            ("data_fsdp_tensor", (2, 2, 2), jax.devices())]:
   with config.unlocked():
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
   exp = train_lib.build_experiment(config, devices)
@@ -240,7 +241,7 @@ print(json.dumps(out))
 """
 
 
-def test_data_fsdp_sharding_matches_single_device(tiny_corpus):
+def test_sharded_training_matches_single_device(tiny_corpus):
   overrides = tiny_overrides(
     tiny_corpus, **{"model.d_model": 64, "model.num_heads": 4, "model.num_kv_heads": 2}
   )
@@ -260,4 +261,8 @@ def test_data_fsdp_sharding_matches_single_device(tiny_corpus):
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout.strip().splitlines()[-1])
   np.testing.assert_allclose(result["data_fsdp"]["losses"], result["one"]["losses"], rtol=1e-5)
+  np.testing.assert_allclose(
+    result["data_fsdp_tensor"]["losses"], result["one"]["losses"], rtol=1e-5
+  )
   assert any("fsdp" in s for s in result["data_fsdp"]["specs"])  # Parameters really sharded.
+  assert any("tensor" in s for s in result["data_fsdp_tensor"]["specs"])
