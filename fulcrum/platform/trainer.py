@@ -257,25 +257,32 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> P
 
 
 class _StopSignal:
-  """Turns SIGTERM (preemption) into a flag checked between steps."""
+  """Turns SIGTERM (preemption) and a first Ctrl-C into a flag checked between steps.
+
+  The loop then saves a checkpoint and returns; a second Ctrl-C interrupts at once.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.received = False
-    self._old = None
+    self.received: str | None = None
+    self._old: dict[int, Any] = {}
 
   def __enter__(self):
     try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
+      self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
     except ValueError:  # Not the main thread: leave signals alone.
-      self._old = None
+      self._old = {}
     return self
 
-  def _handle(self, *_):
-    self.received = True
+  def _handle(self, signum, frame):
+    if self.received and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -369,7 +376,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         if stop.received:
           ckpt.wait()
           log.warning(
-            "SIGTERM: saved a checkpoint at step %d; rerun the same command to resume", step
+            "%s: saved a checkpoint at step %d; rerun the same command to resume",
+            stop.received,
+            step,
           )
           last["preempted"] = True
           break

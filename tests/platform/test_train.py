@@ -178,7 +178,8 @@ def test_resume_after_kill_equals_uninterrupted(tiny_corpus, tmp_path):
   assert steps == list(range(5, 45, 5))
 
 
-def test_sigterm_saves_and_exits_cleanly(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_saves_and_exits_cleanly(sig, tiny_corpus, tmp_path):
   extra = {"train.steps": 100000, "train.checkpoint_every": 100000, "train.eval_every": 0}
   proc = subprocess.Popen(
     [sys.executable, "-m", "fulcrum", *_cli_train(tmp_path, tiny_corpus, extra.items())],
@@ -191,10 +192,10 @@ def test_sigterm_saves_and_exits_cleanly(tiny_corpus, tmp_path):
   while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
     time.sleep(0.1)
   time.sleep(1.0)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err
-  assert "SIGTERM" in err
+  assert signal.Signals(sig).name in err and "rerun the same command" in err
   steps = [int(p.name) for p in (tmp_path / "checkpoints").glob("*") if p.name.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 100000
 
@@ -209,6 +210,14 @@ def test_corrupt_latest_checkpoint_falls_back(tiny_corpus, tmp_path):
   _, _, step = train_lib.load_workdir(tmp_path)
   assert step == 10
   assert list((tmp_path / "checkpoints").glob("corrupt-20-*"))  # Moved aside, not deleted.
+  # With every checkpoint unreadable the user gets one clear error (exit 2 from the CLI).
+  for f in (tmp_path / "checkpoints" / "10").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"")
+  result = run_cli(["eval", "--workdir", str(tmp_path)])
+  assert result.returncode == 2 and "could be read" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("fulcrum: error:")
 
 
 SHARDED_SCRIPT = """
