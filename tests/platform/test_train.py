@@ -178,7 +178,7 @@ def test_resume_after_kill_equals_uninterrupted(tiny_corpus, tmp_path):
   assert steps == list(range(5, 45, 5))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_stop_signal_saves_and_exits_cleanly(sig, tiny_corpus, tmp_path):
   extra = {"train.steps": 100000, "train.checkpoint_every": 100000, "train.eval_every": 0}
   proc = subprocess.Popen(
