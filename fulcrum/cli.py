@@ -66,11 +66,11 @@ def _cmd_train(args) -> int:
 
   result = train(config, args.workdir)
   workdir = Path(result["workdir"])
-  if "eval/bits_per_byte" in result:
-    print(
-      f"step {result['step']}: validation loss {result['eval/loss']:.4f}, "
-      f"bits/byte {result['eval/bits_per_byte']:.3f}"
-    )
+  from fulcrum.platform.trainer import eval_summary
+
+  summary = eval_summary(result)
+  if summary:
+    print(f"step {result['step']}: validation {summary}")
   print(f"metrics: {workdir / 'metrics.jsonl'}")
   print(f"tensorboard: tensorboard --logdir {workdir / 'tensorboard'}")
   print(f"checkpoints: {workdir / 'checkpoints'}")

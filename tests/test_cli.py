@@ -121,7 +121,7 @@ def test_train_eval_decode_round_trip(tiny_corpus, tmp_path):
     ]
   )
   assert result.returncode == 0, result.stderr
-  assert "bits/byte" in result.stdout and "metrics.jsonl" in result.stdout
+  assert "bits_per_byte" in result.stdout and "metrics.jsonl" in result.stdout
   assert "tensorboard" in result.stdout
 
   again = run_cli(

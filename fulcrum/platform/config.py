@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16")
 def base_config() -> ml_collections.ConfigDict:
   """Every key a training recipe understands, each with its default."""
   c = ml_collections.ConfigDict()
+  c.task = "lm"  # What is trained: lm (see fulcrum/platform/tasks.py for the others).
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # Total optimizer steps; rerunning a finished run does nothing.

@@ -25,12 +25,12 @@ from flax import struct
 
 from fulcrum import modules
 from fulcrum.platform import config as config_lib
-from fulcrum.platform import data as data_lib
 from fulcrum.platform import sharding
 from fulcrum.platform.checkpoint import Checkpointer
 from fulcrum.platform.errors import UserError
 from fulcrum.platform.metrics import MetricsWriter, progress_bar
 from fulcrum.platform.optim import make_optimizer
+from fulcrum.platform.tasks import Task, get_task
 
 log = logging.getLogger("fulcrum")
 LN2 = math.log(2.0)
@@ -45,20 +45,12 @@ class TrainState(struct.PyTreeNode):
   nonfinite_total: jax.Array  # int32 []: all skipped updates.
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None):
-  """Mean next-token cross-entropy in nats (float32) and the token count it averages over."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-  if weights is None:
-    weights = jnp.ones_like(losses)
-  count = jnp.maximum(weights.sum(), 1.0)
-  return (losses * weights).sum() / count, weights.sum()
-
-
 @dataclasses.dataclass
 class Experiment:
   """Everything built from a config that train, eval and decode share."""
 
   config: ml_collections.ConfigDict
+  task: Task
   model: nn.Module
   tx: optax.GradientTransformation
   schedule: optax.Schedule
@@ -68,7 +60,7 @@ class Experiment:
 
   def init_state(self) -> TrainState:
     """Fresh parameters and optimizer state, created already sharded."""
-    init = _state_init_fn(self.model, self.tx, self.config)
+    init = _state_init_fn(self.model, self.tx, self.task)
     with self.activate():
       return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=self.state_sharding)(
         jax.random.PRNGKey(self.config.train.seed)
@@ -93,11 +85,10 @@ class _MeshContext:
       ctx.__exit__(*exc)
 
 
-def _state_init_fn(model, tx, config):
+def _state_init_fn(model, tx, task: Task):
   def init(rng):
     params_rng, state_rng = jax.random.split(rng)
-    dummy = jnp.zeros((1, min(config.train.seq_len, 8)), jnp.int32)
-    params = model.init(params_rng, dummy)["params"]
+    params = model.init(params_rng, *task.example_inputs())["params"]
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -112,29 +103,30 @@ def _state_init_fn(model, tx, config):
 
 def build_experiment(config: ml_collections.ConfigDict, devices=None) -> Experiment:
   """Model, optimizer, mesh and the abstract (sharded) train state for a validated config."""
+  task = get_task(config)
   model = modules.build(config.model)
   tx, schedule = make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(config.mesh, devices)
-  boxed = jax.eval_shape(_state_init_fn(model, tx, config), jax.random.PRNGKey(0))
+  boxed = jax.eval_shape(_state_init_fn(model, tx, task), jax.random.PRNGKey(0))
   state_sharding = sharding.logical_sharding(boxed, mesh)
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
     nn.unbox(boxed),
     state_sharding,
   )
-  return Experiment(config, model, tx, schedule, mesh, abstract, state_sharding)
+  return Experiment(config, task, model, tx, schedule, mesh, abstract, state_sharding)
 
 
 def make_train_step(exp: Experiment):
   """The pure train step `(state, batch) -> (state, metrics)`: grads (accumulated over
   `train.grad_accum_steps` micro-batches), clipping + optimizer update, and a skipped update
   when the loss or gradients are not finite."""
-  model, tx, schedule = exp.model, exp.tx, exp.schedule
+  model, tx, schedule, task = exp.model, exp.tx, exp.schedule, exp.task
   accum = exp.config.train.grad_accum_steps
 
   def loss_fn(params, batch, rng):
-    logits = model.apply({"params": params}, batch["inputs"], rngs={"dropout": rng})
-    return cross_entropy(logits, batch["targets"], batch.get("weights"))
+    outputs = model.apply({"params": params}, *task.model_inputs(batch), rngs={"dropout": rng})
+    return task.loss(outputs, batch)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -193,12 +185,11 @@ def jit_train_step(exp: Experiment):
 
 
 def make_eval_step(exp: Experiment):
-  """`(params, batch) -> (summed loss, token count)` for exact averaging over batches."""
+  """`(params, batch) -> additive statistics` (the task's `eval_sums`)."""
 
   def eval_step(params, batch):
-    logits = exp.model.apply({"params": params}, batch["inputs"])
-    loss, count = cross_entropy(logits, batch["targets"], batch.get("weights"))
-    return loss * count, count
+    outputs = exp.model.apply({"params": params}, *exp.task.model_inputs(batch))
+    return exp.task.eval_sums(outputs, batch)
 
   return eval_step
 
@@ -209,21 +200,28 @@ def _global_batch(exp: Experiment, local: dict[str, np.ndarray]) -> dict[str, ja
   return {k: jax.make_array_from_process_local_data(spec, np.asarray(v)) for k, v in local.items()}
 
 
-def evaluate_params(exp: Experiment, params, eval_batches, eval_step=None) -> dict[str, float]:
-  """Validation loss, perplexity and bits per byte over a fixed list of batches."""
+def evaluate_params(exp: Experiment, params, eval_sets, eval_step=None) -> dict[str, float]:
+  """The task's eval metrics over each named eval set, as `eval/NAME[_SET]` keys."""
   step = eval_step or jax.jit(make_eval_step(exp))
-  total, count = 0.0, 0.0
+  out: dict[str, float] = {}
   with exp.activate():
-    for batch in eval_batches:
-      s, c = step(params, _global_batch(exp, batch))
-      total, count = total + float(s), count + float(c)
-  loss = total / max(count, 1.0)
-  tokens_per_byte = 1.0  # Byte-level tokens: one token per byte.
-  return {
-    "eval/loss": loss,
-    "eval/perplexity": math.exp(min(loss, 80.0)),
-    "eval/bits_per_byte": loss / LN2 * tokens_per_byte,
-  }
+    for set_name, batches in eval_sets.items():
+      sums: dict[str, float] = {}
+      for batch in batches:
+        for key, value in jax.device_get(step(params, _global_batch(exp, batch))).items():
+          sums[key] = sums.get(key, 0.0) + float(value)
+      suffix = f"_{set_name}" if set_name else ""
+      for key, value in exp.task.eval_metrics(sums).items():
+        out[f"eval/{key}{suffix}"] = value
+  return out
+
+
+def eval_summary(metrics: dict[str, Any]) -> str:
+  """A one-line rendering of the `eval/` metrics."""
+  return ", ".join(
+    f"{k.removeprefix('eval/')} {v:.4g}" for k, v in metrics.items()
+    if k.startswith("eval/") and isinstance(v, float)
+  )
 
 
 def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> Path:
@@ -299,14 +297,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
       "devices; change the batch size or mesh.*"
     )
 
-  data_kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_iter = data_lib.make_train_iterator(
-    config.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed, **data_kw
-  )
-  eval_batches = data_lib.make_eval_batches(
-    config.data, seq_len=t.seq_len, batch_size=t.batch_size, num_batches=t.eval_batches, **data_kw
-  )
-  log.info("data: %s", data_lib.data_config_summary(config.data))
+  hosts = (jax.process_index(), jax.process_count())
+  train_iter = exp.task.train_iterator(*hosts)
+  eval_batches = exp.task.eval_sets(*hosts)
+  log.info("data: %s", exp.task.summary())
 
   ckpt = Checkpointer(
     workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing
@@ -365,10 +359,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
           ev = evaluate_params(exp, state.params, eval_batches, eval_step)
           writer.write(step, ev)
           last.update(ev)
-          bar.write(
-            f"step {step}: eval loss {ev['eval/loss']:.4f}, "
-            f"bits/byte {ev['eval/bits_per_byte']:.3f}"
-          )
+          bar.write(f"step {step}: {eval_summary(ev)}")
           interval_start = time.perf_counter()
         bar.update(1)
         if step % t.checkpoint_every == 0 or step == t.steps or stop.received:
@@ -423,13 +414,5 @@ def load_workdir(workdir: str | Path, devices=None) -> tuple[Experiment, TrainSt
 def evaluate(workdir: str | Path) -> dict[str, float]:
   """Validation metrics of the newest checkpoint in a training workdir."""
   exp, state, step = load_workdir(workdir)
-  t = exp.config.train
-  batches = data_lib.make_eval_batches(
-    exp.config.data,
-    seq_len=t.seq_len,
-    batch_size=t.batch_size,
-    num_batches=t.eval_batches,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  return {"step": step, **evaluate_params(exp, state.params, batches)}
+  eval_sets = exp.task.eval_sets(jax.process_index(), jax.process_count())
+  return {"step": step, **evaluate_params(exp, state.params, eval_sets)}
