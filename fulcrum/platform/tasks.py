@@ -9,8 +9,8 @@ from their own modules (synthetic sequence tasks, forecasting).
 from __future__ import annotations
 
 import abc
+import importlib
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -120,7 +120,12 @@ class LanguageModelling(Task):
     }
 
 
-TASKS: dict[str, Callable[[ml_collections.ConfigDict], Task]] = {"lm": LanguageModelling}
+# Task name → class, or "module:Class" imported on first use (keeps this file free of their deps).
+TASKS: dict[str, type[Task] | str] = {
+  "lm": LanguageModelling,
+  "forecast": "fulcrum.platform.forecasting:Forecasting",
+  "synthetic": "fulcrum.platform.synthetic:SyntheticSequences",
+}
 
 
 def get_task(config: ml_collections.ConfigDict) -> Task:
@@ -128,5 +133,8 @@ def get_task(config: ml_collections.ConfigDict) -> Task:
   name = config.get("task", "lm")
   if name not in TASKS:
     raise UserError(f"task={name!r} is unknown; choose one of {', '.join(sorted(TASKS))}")
-  return TASKS[name](config)
-
+  cls = TASKS[name]
+  if isinstance(cls, str):
+    module, attr = cls.split(":")
+    cls = getattr(importlib.import_module(module), attr)
+  return cls(config)
