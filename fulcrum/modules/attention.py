@@ -70,6 +70,46 @@ def reference_attention(q: Array, k: Array, v: Array, mask: Bool[Array, "b 1 t s
   return jnp.einsum("bhts,bshe->bthe", probs, v.astype(jnp.float32)).astype(q.dtype)
 
 
+def blocked_local_attention(
+  q: Float[Array, "b t h e"],
+  k: Float[Array, "b t k e"],
+  v: Float[Array, "b t k e"],
+  positions: Int[Array, "b t"],
+  window: int,
+  impl: AttentionImpl = AttentionImpl.AUTO,
+) -> Float[Array, "b t h e"]:
+  """Sliding-window attention in O(t·window): blocks of `window` queries see their own block
+  and the previous one, which hold every key within the window (positions increase by one
+  per token). Equals full attention under `attention_mask(positions, positions, window)`."""
+  b, t, h, e = q.shape
+  nb = -(-t // window)
+  pad = nb * window - t
+
+  def blocks(z, fill):
+    z = jnp.pad(z, [(0, 0), (0, pad)] + [(0, 0)] * (z.ndim - 2), constant_values=fill)
+    return z.reshape(b, nb, window, *z.shape[2:])
+
+  def with_previous(z, fill):  # [b, nb, w, ...] → [b, nb, 2w, ...]
+    prev = jnp.concatenate([jnp.full_like(z[:, :1], fill), z[:, :-1]], axis=1)
+    return jnp.concatenate([prev, z], axis=2)
+
+  def fold(z):
+    return z.reshape(b * nb, *z.shape[2:])
+
+  q_pos = blocks(positions, -1)
+  kk, vv = with_previous(blocks(k, 0), 0), with_previous(blocks(v, 0), 0)
+  mask = attention_mask(fold(q_pos), fold(with_previous(q_pos, -1)), window)
+  out = jax.nn.dot_product_attention(
+    fold(blocks(q, 0)),
+    fold(kk).astype(q.dtype),
+    fold(vv).astype(q.dtype),
+    mask=mask,
+    implementation=None if impl == AttentionImpl.AUTO else str(impl),
+  )
+  out = jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0)  # Padding rows see no key.
+  return out.reshape(b, nb * window, h, e)[:, :t]
+
+
 class Attention(nn.Module):
   """Causal self-attention with rotary embeddings; MHA, GQA or MQA by `num_kv_heads`.
 
@@ -122,6 +162,9 @@ class Attention(nn.Module):
 
     if self.impl == AttentionImpl.REFERENCE:
       out = reference_attention(q, keys, values, attention_mask(positions, k_pos, self.window))
+    elif cache is None and self.window and x.shape[1] > 2 * self.window:
+      # Long sequences under a sliding window: O(t·window) blocked attention, not O(t²).
+      out = blocked_local_attention(q, k, v, positions, self.window, impl=self.impl)
     elif cache is None and implicit_positions:
       # Plain causal (or banded) training pass: let the kernel build the mask itself.
       out = jax.nn.dot_product_attention(

@@ -118,3 +118,15 @@ def test_bfloat16_close_to_float32():
   got, _ = _module(AttentionImpl.AUTO, dtype=jnp.bfloat16).apply(params, x)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("t,window", [(20, 4), (23, 5), (9, 4), (64, 16)])
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_blocked_local_attention_matches_reference(t, window, kv_heads):
+  """The O(t·window) path (used when t > 2·window) equals masked full attention."""
+  x = jax.random.normal(jax.random.key(0), (2, t, 32))
+  ref = _module(AttentionImpl.REFERENCE, window, kv_heads)
+  params = ref.init(jax.random.key(1), x)
+  want, _ = jax.jit(ref.apply)(params, x)
+  got, _ = jax.jit(_module(AttentionImpl.AUTO, window, kv_heads).apply)(params, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
