@@ -16,14 +16,14 @@ class ModelConfig:
   Zero-valued sizes mean "derive the usual default", see the properties below.
   """
 
-  arch: str = "transformer"
+  arch: str = "transformer"  # transformer | mamba | griffin | hawk.
   vocab_size: int = 256
   d_model: int = 256
   num_layers: int = 4
   num_heads: int = 4
-  num_kv_heads: int = 0  # 0: num_heads (MHA); 1: MQA; otherwise GQA.
+  num_kv_heads: int = 0  # 0: num_heads (MHA; Griffin: 1, MQA); 1: MQA; otherwise GQA.
   head_dim: int = 0  # 0: d_model // num_heads.
-  mlp_dim: int = 0  # 0: 8/3 d_model rounded up to a multiple of 64.
+  mlp_dim: int = 0  # 0: 8/3 d_model rounded up to a multiple of 64 (Griffin/Hawk: 3 d_model).
   window: int = 0  # Sliding-window attention; 0 = full causal.
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
@@ -32,6 +32,18 @@ class ModelConfig:
   remat: bool = False
   dtype: str = "float32"
   attention_impl: str = "auto"
+  # Embedding and logits (Gemma/RecurrentGemma conventions; off by default).
+  scale_embeddings: bool = False  # Multiply token embeddings by sqrt(d_model).
+  logits_soft_cap: float = 0.0  # cap * tanh(logits / cap); 0 = off (RecurrentGemma: 30).
+  # Mamba (selective SSM) blocks.
+  ssm_state: int = 16  # SSM state size N per channel.
+  ssm_expand: int = 2  # Expansion E: the mixer works on E * d_model channels.
+  conv_width: int = 4  # Causal depthwise conv kernel width (Mamba and Griffin/Hawk).
+  dt_rank: int = 0  # Rank R of the dt projection; 0 = ceil(d_model / 16).
+  selective: bool = True  # False: dt, B, C are input-independent parameters (LTI ablation).
+  scan_impl: str = "auto"  # Scan implementation (fulcrum.modules.scan.ScanImpl) for SSM/RG-LRU.
+  # Griffin / Hawk blocks.
+  lru_width: int = 0  # RG-LRU width; 0 = d_model.
 
   @classmethod
   def from_mapping(cls, m: Mapping[str, Any] | ModelConfig) -> ModelConfig:
@@ -53,6 +65,14 @@ class ModelConfig:
   @property
   def hidden_dim(self) -> int:
     return self.mlp_dim or -(-8 * self.d_model // 3 // 64) * 64
+
+  @property
+  def ssm_dt_rank(self) -> int:
+    return self.dt_rank or -(-self.d_model // 16)
+
+  @property
+  def rg_lru_width(self) -> int:
+    return self.lru_width or self.d_model
 
   @property
   def compute_dtype(self) -> jnp.dtype:

@@ -1,8 +1,10 @@
-"""Shared layers: RMSNorm, embeddings, rotary position embeddings and the gated MLP.
+"""Shared layers: RMSNorm, embeddings, rotary position embeddings, the gated MLP and the causal
+depthwise convolution of the recurrent blocks.
 
 Shape vocabulary (used in annotations and einsum strings across `fulcrum.modules`):
   b batch, t time (queries), s time (keys), d model width, h heads, k key/value heads,
-  e per-head width, f MLP width, v vocabulary.
+  e per-head width, f MLP width (also the expanded width of Mamba and the RG-LRU width),
+  n SSM state size, w convolution kernel width, r rank of Mamba's dt projection, v vocabulary.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class Dense(nn.Module):
   The kernel has shape `in_shape + out_shape` and carries the logical names `axes`; it is
   initialised LeCun-normal with fan-in = prod(in_shape). (Flax's DenseGeneral initialises a
   flattened kernel, which clashes with multi-axis logical partitioning under a mesh.)
+  `kernel_init` / `bias_init` override the initialisers (e.g. Mamba's dt projection).
   """
 
   in_shape: tuple[int, ...]
@@ -102,11 +105,13 @@ class Dense(nn.Module):
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer | None = None  # None: LeCun truncated normal.
+  bias_init: nn.initializers.Initializer | None = None  # None: zeros.
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     n_in, n_out = len(self.in_shape), len(self.out_shape)
-    init = nn.initializers.variance_scaling(
+    init = self.kernel_init or nn.initializers.variance_scaling(
       1.0,
       "fan_in",
       "truncated_normal",
@@ -127,7 +132,7 @@ class Dense(nn.Module):
     if self.use_bias:
       bias = self.param(
         "bias",
-        nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
+        nn.with_logical_partitioning(self.bias_init or nn.initializers.zeros, self.axes[n_in:]),
         self.out_shape,
         self.param_dtype,
       )
@@ -158,13 +163,89 @@ class GatedMLP(nn.Module):
   activation: str = "silu"  # silu (Llama) or gelu (Griffin, tanh approximation).
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  use_bias: bool = False  # RecurrentGemma's MLP has biases; Llama's has none.
 
   @nn.compact
   def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
     d, f = self.d_model, self.hidden_dim
     gate = dense(d, f, (EMBED, MLP), "gate", **kw)(x)
     up = dense(d, f, (EMBED, MLP), "up", **kw)(x)
     act = nn.silu if self.activation == "silu" else lambda g: nn.gelu(g, approximate=True)
     h = nn.with_logical_constraint(act(gate) * up, (BATCH, LENGTH, MLP))
     return dense(f, d, (MLP, EMBED), "down", **kw)(h)
+
+
+class CausalConv1D(nn.Module):
+  """Causal depthwise convolution over time (the short conv of Mamba and Griffin's recurrent block).
+
+  `y_t = bias + sum_{j<w} kernel[w-1-j] ⊙ x_{t-j}`: `kernel[-1]` weighs the current input, as
+  in Mamba's `conv1d` (torch weight [f, 1, w]) and RecurrentGemma's `Conv1D` (w [w, f]).
+  The state holds the last w - 1 inputs, so a sequence split into chunks (or single tokens)
+  gives the same outputs as one pass. With `positions`, inputs from before a document start
+  (position 0) are masked out, as RecurrentGemma does for packed sequences.
+
+  Attributes:
+    features: channels f (one filter per channel).
+    kernel_size: temporal width w.
+    channel_axis: logical axis name of the channels.
+    kernel_init: initialiser of the [w, f] kernel; the default is torch's Conv1d default
+      U(±1/sqrt(w)) (Mamba); RecurrentGemma uses N(0, 0.01 / w).
+  """
+
+  features: int
+  kernel_size: int = 4
+  channel_axis: str = MLP
+  kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
+    1 / 3, "fan_in", "uniform"
+  )
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    x: Float[Array, "b t f"],
+    state: Float[Array, "b w-1 f"] | None = None,
+    positions: Int[Array, "b t"] | None = None,
+  ) -> tuple[Float[Array, "b t f"], Float[Array, "b w-1 f"]]:
+    """Convolves x after the inputs held in `state` (zeros: sequence start).
+
+    Returns:
+      The outputs y [b, t, f] and the new state: the last w - 1 inputs, in this layer's dtype.
+    """
+    w, f = self.kernel_size, self.features
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(self.kernel_init, (None, self.channel_axis)),
+      (w, f),
+      self.param_dtype,
+    )
+    bias = self.param(
+      "bias",
+      nn.with_logical_partitioning(self.bias_init, (self.channel_axis,)),
+      (f,),
+      self.param_dtype,
+    )
+    b, t, _ = x.shape
+    if state is None:
+      state = jnp.zeros((b, w - 1, f), self.dtype)
+    xs = jnp.concatenate([state.astype(self.dtype), x.astype(self.dtype)], axis=1)
+    segment = None
+    if positions is not None:
+      # Document index of every input; an input contributes only within its own document.
+      starts = jnp.concatenate([jnp.zeros((b, w - 1), bool), positions == 0], axis=1)
+      segment = jnp.cumsum(starts, axis=1)
+    y = jnp.broadcast_to(bias.astype(self.dtype), (b, t, f))
+    for j in range(w):  # x_{t-j} sits at index w-1-j+t of xs.
+      window = xs[:, w - 1 - j : w - 1 - j + t]
+      if segment is not None:
+        same = segment[:, w - 1 - j : w - 1 - j + t] == segment[:, w - 1 :]
+        window = jnp.where(same[..., None], window, 0)
+      y = y + window * kernel[w - 1 - j].astype(self.dtype)
+    new_state = xs[:, t:]
+    if segment is not None:
+      # Inputs before the last document start can never be seen again: store zeros.
+      new_state = jnp.where((segment[:, t:] == segment[:, -1:])[..., None], new_state, 0)
+    return nn.with_logical_constraint(y, (BATCH, LENGTH, self.channel_axis)), new_state

@@ -16,7 +16,7 @@ import ml_collections
 
 from fulcrum.platform.errors import UserError
 
-ARCHS = ("transformer",)
+ARCHS = ("transformer", "mamba", "griffin", "hawk")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.async_checkpointing = True  # Save checkpoints in a background thread.
 
   c.model = ml_collections.ConfigDict()
-  c.model.arch = "transformer"  # One of: transformer.
+  c.model.arch = "transformer"  # transformer | mamba | griffin | hawk.
   c.model.d_model = 256  # Residual stream width.
   c.model.num_layers = 4  # Number of blocks.
   c.model.num_heads = 4  # Query heads.
@@ -57,6 +57,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = False  # Stack identical blocks with nn.scan (faster compiles).
   c.model.remat = False  # Rematerialise blocks in the backward pass (saves memory).
   c.model.attention_impl = "auto"  # auto | xla | cudnn | reference.
+  c.model.scale_embeddings = False  # Multiply embeddings by sqrt(d_model) (Gemma convention).
+  c.model.logits_soft_cap = 0.0  # cap·tanh(logits/cap); 0 = off (RecurrentGemma: 30).
+  c.model.ssm_state = 16  # Mamba: SSM state size N per channel.
+  c.model.ssm_expand = 2  # Mamba: expansion E (the mixer works on E·d_model channels).
+  c.model.conv_width = 4  # Mamba, Griffin, Hawk: causal depthwise conv width.
+  c.model.dt_rank = 0  # Mamba: rank of the dt projection; 0 = ceil(d_model / 16).
+  c.model.selective = True  # Mamba: False = LTI ablation (dt, B, C input-independent).
+  c.model.scan_impl = "auto"  # auto | reference | associative | chunked | pallas.
+  c.model.lru_width = 0  # Griffin, Hawk: RG-LRU width; 0 = d_model.
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # One of: adamw.
@@ -181,6 +190,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "(or set model.head_dim)",
   )
   need(m.window >= 0, f"model.window must be >= 0, got {m.window}")
+  need(
+    m.arch != "griffin" or not m.scan_layers or m.num_layers % 3 == 0,
+    f"model.scan_layers stacks griffin in groups of 3 layers; model.num_layers="
+    f"{m.num_layers} is not a multiple of 3 (change it or set model.scan_layers=false)",
+  )
   need(
     m.attention_impl in ("auto", "xla", "cudnn", "reference"),
     f"model.attention_impl={m.attention_impl!r}: choose auto, xla, cudnn or reference",

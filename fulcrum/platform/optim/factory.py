@@ -19,9 +19,18 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
   )
 
 
+# SSM parameters that must not decay (Mamba's A_log: decaying it toward 0 forces A → -1).
+NO_DECAY = frozenset({"A_log"})
+
+
 def decay_mask(params):
-  """Weight decay applies to matrices only; norms' scales and biases are left alone."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay applies to matrices only — not to norms' scales, biases or SSM parameters."""
+
+  def keep(path, p):
+    name = getattr(path[-1], "key", None)
+    return p.ndim >= 2 and name not in NO_DECAY
+
+  return jax.tree_util.tree_map_with_path(keep, params)
 
 
 def make_optimizer(
