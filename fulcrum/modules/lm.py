@@ -150,8 +150,18 @@ class LM(nn.Module):
     return tuple(caches[i % len(pattern)] for i in range(c.num_layers))
 
 
-def build(model_config: Mapping[str, Any] | ModelConfig) -> LM:
-  """The model a config describes (`model.*` section of a recipe, a dict or a ModelConfig)."""
+def build(model_config: Mapping[str, Any] | ModelConfig) -> nn.Module:
+  """The model a config describes (`model.*` section of a recipe, a dict or a ModelConfig).
+
+  A language model, or a forecaster (`fulcrum.modules.forecasting.build_forecaster`) when
+  `model.arch` is dlinear/nlinear or `model.head` is "forecast".
+  """
+  if not isinstance(model_config, ModelConfig):
+    from fulcrum.modules import forecasting  # Here, not at the top: it imports this module.
+
+    arch, head = model_config.get("arch"), model_config.get("head")
+    if arch in forecasting.LINEAR_ARCHS or head == "forecast":
+      return forecasting.build_forecaster(model_config)
   config = ModelConfig.from_mapping(model_config)
   validate(config)
   return LM(config)

@@ -16,7 +16,7 @@ import ml_collections
 
 from fulcrum.platform.errors import UserError
 
-ARCHS = ("transformer", "mamba", "griffin", "hawk")
+ARCHS = ("transformer", "mamba", "griffin", "hawk", "dlinear", "nlinear")
 DTYPES = ("float32", "bfloat16")
 
 
