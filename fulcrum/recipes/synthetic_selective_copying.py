@@ -3,7 +3,8 @@
 16 tokens from a vocabulary of 8 sit at random places among 64 noise tokens; at 16 copy
 markers the model must output them in order. Selective Mamba solves it (paper: 99.8%); its
 LTI ablation (`--set model.selective=false`, S4-like) cannot locate randomly spaced tokens.
-Runs in a few minutes on 2 CPU cores.
+Measured: Mamba (2 layers, d_model 128) reaches 96% at step 2000 and 99.5% at 2250, ~15 min
+on 2 busy CPU cores.
 
   fulcrum train --recipe synthetic_selective_copying --workdir runs/selcopy \
     --set model.arch=mamba
@@ -21,7 +22,7 @@ def get_config():
   c.data.num_tokens = 16  # Tokens to copy.
   c.data.eval_length_multiples = (1,)
   c.train.seq_len = 80  # length + num_tokens.
-  c.train.steps = 2000
+  c.train.steps = 2500
   c.train.batch_size = 32
   c.train.log_every = 50
   c.train.eval_every = 250
@@ -29,7 +30,7 @@ def get_config():
   c.train.eval_batches = 8
   c.model.arch = "transformer"
   c.model.vocab_size = 10
-  c.model.d_model = 64
+  c.model.d_model = 128
   c.model.num_layers = 2
   c.model.num_heads = 4
   c.optimizer.learning_rate = 3e-3
