@@ -63,8 +63,9 @@ class SyntheticSequences(Task):
 
   def train_iterator(self, process_index, process_count):
     # 2**40 examples: effectively endless, and every index is a fresh sample.
-    ds = self._dataset(self.config.train.seed, 2**40, self.kwargs["length"], process_index,
-                       process_count)
+    ds = self._dataset(
+      self.config.train.seed, 2**40, self.kwargs["length"], process_index, process_count
+    )
     return iter(ds.to_iter_dataset())
 
   def eval_sets(self, process_index, process_count):
@@ -73,8 +74,13 @@ class SyntheticSequences(Task):
     for multiple in self.config.data.get("eval_length_multiples", (1,)):
       name = "" if multiple == 1 else f"{multiple}x"
       seed = t.seed + _EVAL_SEED_OFFSET * int(multiple)
-      ds = self._dataset(seed, t.eval_batches * t.batch_size,
-                         self.kwargs["length"] * int(multiple), process_index, process_count)
+      ds = self._dataset(
+        seed,
+        t.eval_batches * t.batch_size,
+        self.kwargs["length"] * int(multiple),
+        process_index,
+        process_count,
+      )
       sets[name] = [ds[i] for i in range(len(ds))]
     return sets
 

@@ -85,8 +85,12 @@ class LanguageModelling(Task):
 
   def _data_kw(self, process_index, process_count):
     t = self.config.train
-    return dict(seq_len=t.seq_len, batch_size=t.batch_size, process_index=process_index,
-                process_count=process_count)
+    return dict(
+      seq_len=t.seq_len,
+      batch_size=t.batch_size,
+      process_index=process_index,
+      process_count=process_count,
+    )
 
   def train_iterator(self, process_index, process_count):
     return data_lib.make_train_iterator(
@@ -95,7 +99,8 @@ class LanguageModelling(Task):
 
   def eval_sets(self, process_index, process_count):
     batches = data_lib.make_eval_batches(
-      self.config.data, num_batches=self.config.train.eval_batches,
+      self.config.data,
+      num_batches=self.config.train.eval_batches,
       **self._data_kw(process_index, process_count),
     )
     return {"": batches}

@@ -219,7 +219,8 @@ def evaluate_params(exp: Experiment, params, eval_sets, eval_step=None) -> dict[
 def eval_summary(metrics: dict[str, Any]) -> str:
   """A one-line rendering of the `eval/` metrics."""
   return ", ".join(
-    f"{k.removeprefix('eval/')} {v:.4g}" for k, v in metrics.items()
+    f"{k.removeprefix('eval/')} {v:.4g}"
+    for k, v in metrics.items()
     if k.startswith("eval/") and isinstance(v, float)
   )
 

@@ -92,10 +92,13 @@ def test_accuracy_of_an_oracle_and_of_a_wrong_model():
   assert task.eval_metrics({k: float(v) for k, v in sums.items()})["accuracy"] == 0.0
 
 
-@pytest.mark.parametrize("override,match", [
-  ("train.seq_len=50", "train.seq_len=80"),
-  ("model.vocab_size=5", "model.vocab_size"),
-])
+@pytest.mark.parametrize(
+  "override,match",
+  [
+    ("train.seq_len=50", "train.seq_len=80"),
+    ("model.vocab_size=5", "model.vocab_size"),
+  ],
+)
 def test_bad_settings_are_user_errors(override, match):
   with pytest.raises(UserError, match=match):
     _task("synthetic_selective_copying", override)
