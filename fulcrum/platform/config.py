@@ -94,6 +94,36 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def synthetic_config(
+  generator: str, *, length: int, vocab: int, seq_len: int, model_vocab: int
+) -> ml_collections.ConfigDict:
+  """The base config shared by the synthetic-sequence recipes (small model, no weight decay).
+
+  Recipes add their generator's own `data.*` sizes and change what differs.
+  """
+  c = base_config()
+  c.task = "synthetic"
+  c.data.generator = generator
+  c.data.length = length
+  c.data.vocab = vocab
+  c.data.eval_length_multiples = (1,)
+  c.train.seq_len = seq_len
+  c.train.steps = 2000
+  c.train.batch_size = 32
+  c.train.log_every = 50
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 500
+  c.train.eval_batches = 8
+  c.model.vocab_size = model_vocab
+  c.model.d_model = 64
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.weight_decay = 0.0
+  return c
+
+
 def _parse(text: str, default: Any, key: str) -> Any:
   """Parses an override string to the type of the key's default."""
   expected = type(default)

@@ -10,30 +10,13 @@ on 2 busy CPU cores.
     --set model.arch=mamba
 """
 
-from fulcrum.platform.config import base_config
+from fulcrum.platform.config import synthetic_config
 
 
 def get_config():
-  c = base_config()
-  c.task = "synthetic"
-  c.data.generator = "selective_copying"
-  c.data.length = 64  # Noise + data tokens before the copy markers.
-  c.data.vocab = 8  # Data token types (ids 1..8; 0 = noise, 9 = copy marker).
-  c.data.num_tokens = 16  # Tokens to copy.
-  c.data.eval_length_multiples = (1,)
-  c.train.seq_len = 80  # length + num_tokens.
+  # 64 noise + data tokens, 8 data token types (ids 1..8; 0 = noise, 9 = copy marker).
+  c = synthetic_config("selective_copying", length=64, vocab=8, seq_len=80, model_vocab=10)
+  c.data.num_tokens = 16  # Tokens to copy; seq_len = length + num_tokens.
   c.train.steps = 2500
-  c.train.batch_size = 32
-  c.train.log_every = 50
-  c.train.eval_every = 250
-  c.train.checkpoint_every = 500
-  c.train.eval_batches = 8
-  c.model.arch = "transformer"
-  c.model.vocab_size = 10
   c.model.d_model = 128
-  c.model.num_layers = 2
-  c.model.num_heads = 4
-  c.optimizer.learning_rate = 3e-3
-  c.optimizer.warmup_steps = 100
-  c.optimizer.weight_decay = 0.0
   return c
