@@ -4,6 +4,9 @@ Masks are derived from token positions: query at position p sees key at position
 `0 <= q <= p` and, for local attention, `p - q < window`. Position -1 marks an empty cache slot
 or padding, so the one rule serves training, left-padded batches, a full cache and a
 window-sized ring-buffer cache.
+
+RoPE rotates all of each head's dims, or only the leading `rope_fraction` of them (the rest pass
+through unrotated, as in RecurrentGemma, which rotates half).
 """
 
 from __future__ import annotations
@@ -17,6 +20,31 @@ from flax import linen as nn
 from jaxtyping import Array, Bool, Float, Int
 
 from fulcrum.modules.layers import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, dense, rope
+
+
+def rotary_dims(head_dim: int, fraction: float) -> int:
+  """How many leading dims of a head RoPE rotates: int(head_dim · fraction), as transformers does.
+
+  Raises:
+    ValueError: fraction is not in (0, 1], or the rotated dims are not a positive even number.
+  """
+  dims = int(head_dim * fraction)
+  if not 0 < fraction <= 1 or dims <= 0 or dims % 2:
+    raise ValueError(
+      f"rope_fraction={fraction} of head_dim={head_dim} rotates {dims} dims; RoPE needs a "
+      "positive even number of rotated dims (rope_fraction in (0, 1])"
+    )
+  return dims
+
+
+def partial_rope(
+  x: Float[Array, "b t h e"], positions: Int[Array, "b t"], theta: float, fraction: float = 1.0
+) -> Float[Array, "b t h e"]:
+  """RoPE (half-split layout) on the leading `rotary_dims(e, fraction)` dims; the rest pass."""
+  dims = rotary_dims(x.shape[-1], fraction)
+  if dims == x.shape[-1]:
+    return rope(x, positions, theta)
+  return jnp.concatenate([rope(x[..., :dims], positions, theta), x[..., dims:]], axis=-1)
 
 
 class AttentionImpl(enum.StrEnum):
@@ -118,6 +146,9 @@ class Attention(nn.Module):
     num_kv_heads: key/value heads k (h % k == 0; 1 = MQA).
     head_dim: per-head width e.
     window: sliding-window size; 0 = full causal attention.
+    rope_fraction: the leading fraction of each head's dims that RoPE rotates.
+    use_bias: biases on all four projections.
+    out_bias: a bias on the output projection only (RecurrentGemma).
   """
 
   d_model: int
@@ -126,8 +157,10 @@ class Attention(nn.Module):
   head_dim: int
   window: int = 0
   rope_theta: float = 10000.0
+  rope_fraction: float = 1.0
   impl: AttentionImpl = AttentionImpl.AUTO
   use_bias: bool = False
+  out_bias: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -147,7 +180,8 @@ class Attention(nn.Module):
     implicit_positions = positions is None
     if implicit_positions:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+    q = partial_rope(q, positions, self.rope_theta, self.rope_fraction)
+    k = partial_rope(k, positions, self.rope_theta, self.rope_fraction)
     q = nn.with_logical_constraint(q, (BATCH, LENGTH, HEADS, HEAD_DIM))
 
     if cache is None:
@@ -187,6 +221,7 @@ class Attention(nn.Module):
       # Rows that see no key at all (padding) come back as zeros, as in the reference.
       out = jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0)
     out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS, HEAD_DIM))
+    kw["use_bias"] = self.use_bias or self.out_bias
     y = dense((h, e), d, (HEADS, HEAD_DIM, EMBED), "o", **kw)(out)
     return y, cache
 

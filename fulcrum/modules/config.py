@@ -26,6 +26,8 @@ class ModelConfig:
   mlp_dim: int = 0  # 0: 8/3 d_model rounded up to a multiple of 64 (Griffin/Hawk: 3 d_model).
   window: int = 0  # Sliding-window attention; 0 = full causal.
   rope_theta: float = 10000.0
+  rope_fraction: float = 1.0  # Leading fraction of each head's dims RoPE rotates (RG: 0.5).
+  attn_out_bias: bool = False  # Bias on the attention output projection (RecurrentGemma).
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   scan_layers: bool = False
@@ -34,6 +36,7 @@ class ModelConfig:
   attention_impl: str = "auto"
   # Embedding and logits (Gemma/RecurrentGemma conventions; off by default).
   scale_embeddings: bool = False  # Multiply token embeddings by sqrt(d_model).
+  embed_scale_bf16: bool = False  # Round that sqrt(d_model) to bfloat16 (RecurrentGemma).
   logits_soft_cap: float = 0.0  # cap * tanh(logits / cap); 0 = off (RecurrentGemma: 30).
   # Mamba (selective SSM) blocks.
   ssm_state: int = 16  # SSM state size N per channel.

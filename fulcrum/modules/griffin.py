@@ -262,7 +262,10 @@ class ResidualBlock(nn.Module):
   subclasses `RecurrentResidualBlock` and `AttentionResidualBlock` fix it, so the LM shell can
   build a layer from its class alone. Norms are RMSNorm scaled by (1 + w), w initialised to 0.
   Attention uses `config.window` (a window-sized ring-buffer cache) and is multi-query unless
-  `config.num_kv_heads` says otherwise; the MLP width is `config.mlp_dim` or 3·d.
+  `config.num_kv_heads` says otherwise; the MLP width is `config.mlp_dim` or 3·d. A query sees
+  `window` keys, itself included, as with transformers' `attention_window_size` (DeepMind's
+  `window_size` W lets it see W + 1). RecurrentGemma's RoPE on half of each head
+  (`config.rope_fraction`) and its output-projection bias (`config.attn_out_bias`) are options.
   """
 
   config: ModelConfig
@@ -296,6 +299,8 @@ class ResidualBlock(nn.Module):
         c.per_head_dim,
         window=c.window,
         rope_theta=c.rope_theta,
+        rope_fraction=c.rope_fraction,
+        out_bias=c.attn_out_bias,
         impl=AttentionImpl(c.attention_impl),
         name="attention_block",
         **kw,

@@ -52,6 +52,7 @@ class Embedder(nn.Module):
   vocab_size: int
   d_model: int
   scale_by_sqrt_dim: bool = False  # Gemma-style sqrt(d) input scaling.
+  scale_in_bf16: bool = False  # Round sqrt(d) to bfloat16 first, as RecurrentGemma was trained.
   stddev: float = 1.0  # Init scale; the LM uses d**-0.5 when the table is also the output layer.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -67,7 +68,10 @@ class Embedder(nn.Module):
   def __call__(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
     x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
     if self.scale_by_sqrt_dim:
-      x = x * jnp.sqrt(self.d_model).astype(self.dtype)
+      scale = jnp.sqrt(self.d_model)
+      if self.scale_in_bf16:
+        scale = scale.astype(jnp.bfloat16)
+      x = x * scale.astype(self.dtype)
     return x
 
   def attend(self, x: Float[Array, "b t d"]) -> Float[Array, "b t v"]:

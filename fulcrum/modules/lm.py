@@ -90,6 +90,7 @@ class LM(nn.Module):
       c.vocab_size,
       c.d_model,
       scale_by_sqrt_dim=c.scale_embeddings,
+      scale_in_bf16=c.embed_scale_bf16,
       stddev=c.d_model**-0.5 if c.tie_embeddings else 1.0,
       **kw,
     )

@@ -36,6 +36,8 @@ class TransformerBlock(nn.Module):
       c.per_head_dim,
       window=c.window,
       rope_theta=c.rope_theta,
+      rope_fraction=c.rope_fraction,
+      out_bias=c.attn_out_bias,
       impl=AttentionImpl(c.attention_impl),
       name="attn",
       **kw,

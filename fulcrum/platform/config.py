@@ -52,12 +52,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (parameters stay float32).
   c.model.window = 0  # Sliding-window attention size; 0 = full causal attention.
   c.model.rope_theta = 10000.0  # RoPE base frequency.
+  c.model.rope_fraction = 1.0  # Leading fraction of each head's dims RoPE rotates (RG: 0.5).
+  c.model.attn_out_bias = False  # Bias on the attention output projection (RecurrentGemma).
   c.model.norm_eps = 1e-6  # RMSNorm epsilon.
   c.model.tie_embeddings = True  # Share the input embedding with the output projection.
   c.model.scan_layers = False  # Stack identical blocks with nn.scan (faster compiles).
   c.model.remat = False  # Rematerialise blocks in the backward pass (saves memory).
   c.model.attention_impl = "auto"  # auto | xla | cudnn | reference.
   c.model.scale_embeddings = False  # Multiply embeddings by sqrt(d_model) (Gemma convention).
+  c.model.embed_scale_bf16 = False  # Round that sqrt(d_model) to bfloat16 (RecurrentGemma).
   c.model.logits_soft_cap = 0.0  # cap·tanh(logits/cap); 0 = off (RecurrentGemma: 30).
   c.model.ssm_state = 16  # Mamba: SSM state size N per channel.
   c.model.ssm_expand = 2  # Mamba: expansion E (the mixer works on E·d_model channels).
@@ -220,6 +223,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "(or set model.head_dim)",
   )
   need(m.window >= 0, f"model.window must be >= 0, got {m.window}")
+  need(0 < m.rope_fraction <= 1, f"model.rope_fraction must be in (0, 1], got {m.rope_fraction}")
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  rotary = int(head_dim * m.rope_fraction)
+  need(
+    m.rope_fraction == 1
+    or m.arch not in ("transformer", "griffin")
+    or (rotary and rotary % 2 == 0),
+    f"model.rope_fraction={m.rope_fraction} rotates {rotary} of each head's {head_dim} dims; "
+    "RoPE needs a positive even number (change model.rope_fraction or model.head_dim)",
+  )
   need(
     m.arch != "griffin" or not m.scan_layers or m.num_layers % 3 == 0,
     f"model.scan_layers stacks griffin in groups of 3 layers; model.num_layers="

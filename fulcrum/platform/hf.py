@@ -1,8 +1,9 @@
 """Import and export of Hugging Face checkpoints: a config.json plus safetensors weights.
 
-`load_pretrained(folder)` turns a local Hugging Face checkpoint folder into a Fulcrum model and
-plain float32 params; `save_pretrained(model, params, folder)` writes a Fulcrum transformer
-back out in the Hugging Face Llama (or, with a sliding window, Mistral) format.
+`load_pretrained(folder)` turns a local Hugging Face checkpoint folder (Llama, Mistral, Mamba or
+RecurrentGemma) into a Fulcrum model and plain float32 params; `save_pretrained(model, params,
+folder)` writes a Fulcrum transformer back out in the Hugging Face Llama (or, with a sliding
+window, Mistral) format. Mamba and RecurrentGemma (Griffin/Hawk) are import only.
 
 Weights are read and written by `fulcrum.platform.safetensors_io` (numpy only, memory-mapped).
 
@@ -28,6 +29,8 @@ from flax import linen as nn
 from flax import traverse_util
 
 from fulcrum.modules import LM, ModelConfig, build
+from fulcrum.modules.griffin import ATTENTION, RECURRENT
+from fulcrum.modules.lm import block_pattern
 from fulcrum.platform.errors import UserError
 from fulcrum.platform.safetensors_io import (
   SAFETENSORS_DTYPES,
@@ -81,6 +84,18 @@ def linear(in_axes: int = 1) -> Layout:
   return Layout(lambda shape: split(shape)[::-1], lambda a, shape: a.T.reshape(shape), to_hf)
 
 
+# A torch depthwise Conv1d weight [f, 1, w] as a CausalConv1D kernel [w, f]. Both put the weight of
+# the current input last: torch pads w - 1 inputs on the left and keeps the first t outputs.
+CONV = Layout(
+  lambda shape: (shape[1], 1, shape[0]),
+  lambda a, shape: a[:, 0, :].T,
+  lambda kernel: kernel.T[:, None, :],
+)
+
+# A Gemma-style norm weight w (the norm scales by 1 + w) as a plain RMSNorm scale (1 + w).
+PLUS_ONE = Layout(lambda shape: shape, lambda a, shape: a + 1, lambda scale: scale - 1)
+
+
 class Rule(NamedTuple):
   """One checkpoint tensor ↔ one Fulcrum parameter (a path into the params tree)."""
 
@@ -119,23 +134,42 @@ def _unsupported(key: str, value: Any, fix: str) -> UserError:
   return UserError(f"config.json sets {key}={json.dumps(value)}, not supported by Fulcrum; {fix}")
 
 
-def _rope_theta(hf: Mapping[str, Any]) -> float:
-  """rope_theta from transformers 4.x keys (rope_theta, rope_scaling) or 5.x (rope_parameters).
+def _rope(hf: Mapping[str, Any], partial_default: float | None = None) -> tuple[float, float]:
+  """(rope_theta, partial_rotary_factor) from transformers 4.x keys (rope_theta, rope_scaling,
+  partial_rotary_factor) or 5.x (rope_parameters).
 
-  Only plain full-width RoPE is implemented; scaling (linear, dynamic, yarn, llama3...) or a
-  partial rotary factor is refused.
+  Only plain RoPE is implemented: scaling (linear, dynamic, yarn, llama3...) is refused, and so is
+  a partial rotary factor unless `partial_default` (the model's default factor) is given.
   """
-  theta = None
+  theta, fraction = None, partial_default
   for key in ("", "rope_scaling", "rope_parameters"):
     params = hf if not key else hf.get(key) or {}
     params = params if isinstance(params, dict) else {"rope_type": params}
     name = "rope_type" if "rope_type" in params or "type" not in params else "type"
-    for field, implemented in ((name, "default"), ("partial_rotary_factor", 1.0)):
+    checks = [(name, "default")]
+    if partial_default is None:
+      checks.append(("partial_rotary_factor", 1.0))
+    for field, implemented in checks:
       if params.get(field, implemented) != implemented:
         why = f"only plain RoPE ({field}={json.dumps(implemented)}) is implemented"
         raise _unsupported(f"{key}.{field}".lstrip("."), params[field], why)
     theta = params.get("rope_theta", theta)
-  return float(theta if theta is not None else 10000.0)
+    if params.get("partial_rotary_factor") is not None:
+      fraction = params["partial_rotary_factor"]
+  theta = float(theta if theta is not None else 10000.0)
+  return theta, float(fraction if fraction is not None else 1.0)
+
+
+def _rope_theta(hf: Mapping[str, Any]) -> float:
+  """rope_theta of a full-width RoPE (see `_rope`)."""
+  return _rope(hf)[0]
+
+
+def _check_implements(hf: Mapping[str, Any], implements: Mapping[str, Any]) -> None:
+  """Refuses config.json values other than those Fulcrum implements (absent keys are fine)."""
+  for key, implemented in implements.items():
+    if hf.get(key, implemented) != implemented:
+      raise _unsupported(key, hf[key], f"only {key}={json.dumps(implemented)} is implemented")
 
 
 # config.json values Fulcrum's transformer implements; any other value is refused.
@@ -144,9 +178,7 @@ _LLAMA_IMPLEMENTS = {"attention_bias": False, "mlp_bias": False, "hidden_act": "
 
 def _llama_config(hf: Mapping[str, Any]) -> dict[str, Any]:
   """LlamaConfig → ModelConfig keyword arguments."""
-  for key, implemented in _LLAMA_IMPLEMENTS.items():
-    if hf.get(key, implemented) != implemented:
-      raise _unsupported(key, hf[key], f"only {key}={json.dumps(implemented)} is implemented")
+  _check_implements(hf, _LLAMA_IMPLEMENTS)
   heads, d_model = _get(hf, "num_attention_heads"), _get(hf, "hidden_size")
   kv_heads = hf.get("num_key_value_heads") or heads
   if heads % kv_heads:
@@ -224,6 +256,187 @@ def _llama_hf_config(c: ModelConfig, model_type: str = "llama") -> dict[str, Any
   return hf
 
 
+# MambaConfig values Fulcrum's Mamba implements (residual_in_fp32, rescale_prenorm_residual and
+# the time_step_* init settings change nothing in a float32 forward pass).
+_MAMBA_IMPLEMENTS = {"use_bias": False, "use_conv_bias": True, "hidden_act": "silu"}
+
+
+def _mamba_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """MambaConfig → ModelConfig keyword arguments."""
+  _check_implements(hf, _MAMBA_IMPLEMENTS)
+  d_model = _get(hf, "hidden_size")
+  # transformers sets intermediate_size = int(expand * hidden_size) unless config.json has one.
+  features = hf.get("intermediate_size") or int(hf.get("expand", 2) * d_model)
+  if features % d_model:
+    why = f"Fulcrum's Mamba expands hidden_size={d_model} by a whole factor"
+    raise _unsupported("intermediate_size", features, why)
+  rank = hf.get("time_step_rank", "auto")
+  if rank == "auto":
+    rank = math.ceil(d_model / 16)  # transformers' (and mamba_ssm's) "auto".
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+    raise _unsupported("time_step_rank", rank, 'use "auto" or a positive integer')
+  return dict(
+    arch="mamba",
+    vocab_size=_get(hf, "vocab_size"),
+    d_model=d_model,
+    num_layers=_get(hf, "num_hidden_layers"),
+    ssm_state=hf.get("state_size", 16),
+    ssm_expand=features // d_model,
+    conv_width=hf.get("conv_kernel", 4),
+    dt_rank=rank,
+    norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+  )
+
+
+def _mamba_rules(c: ModelConfig) -> list[Rule]:
+  """Tensor names of MambaForCausalLM."""
+  rules = [Rule("backbone.embeddings.weight", ("embedder", "embedding"))]
+  for i in range(c.num_layers):
+    hf, ours = f"backbone.layers.{i}.", (f"blocks_{i}",)
+    mixer = (*ours, "mixer")
+    rules += [
+      Rule(hf + "norm.weight", (*ours, "norm", "scale")),
+      Rule(hf + "mixer.in_proj.weight", (*mixer, "in_proj", "kernel"), linear()),  # [x; z].
+      Rule(hf + "mixer.conv1d.weight", (*mixer, "conv1d", "kernel"), CONV),
+      Rule(hf + "mixer.conv1d.bias", (*mixer, "conv1d", "bias")),
+      Rule(hf + "mixer.x_proj.weight", (*mixer, "x_proj", "kernel"), linear()),  # [dt; B; C].
+      Rule(hf + "mixer.dt_proj.weight", (*mixer, "dt_proj", "kernel"), linear()),
+      Rule(hf + "mixer.dt_proj.bias", (*mixer, "dt_proj", "bias")),
+      Rule(hf + "mixer.A_log", (*mixer, "A_log")),
+      Rule(hf + "mixer.D", (*mixer, "D")),
+      Rule(hf + "mixer.out_proj.weight", (*mixer, "out_proj", "kernel"), linear()),
+    ]
+  rules.append(Rule("backbone.norm_f.weight", ("final_norm", "scale")))
+  if not c.tie_embeddings:
+    rules.append(Rule("lm_head.weight", ("lm_head", "kernel"), linear()))
+  return rules
+
+
+_RECURRENT_GEMMA_IMPLEMENTS = {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
+_GRIFFIN = "(recurrent, recurrent, attention)"
+
+
+def _recurrent_gemma_arch(hf: Mapping[str, Any], num_layers: int) -> str:
+  """griffin or hawk, by the layer types block_types gives (cycled from layer 0)."""
+  types = hf.get("block_types") or [RECURRENT, RECURRENT, ATTENTION]  # RecurrentGemma's default.
+  if not isinstance(types, list) or not set(types) <= {RECURRENT, ATTENTION}:
+    raise _unsupported("block_types", types, f'layer types are "{RECURRENT}" and "{ATTENTION}"')
+  layers = [types[i % len(types)] for i in range(num_layers)]
+  for arch in ("hawk", "griffin"):
+    pattern = block_pattern(arch)
+    if layers == [pattern[i % len(pattern)].temporal for i in range(num_layers)]:
+      return arch
+  why = (
+    f"Fulcrum's Griffin layers cycle {_GRIFFIN} from layer 0, and Hawk's are all recurrent; "
+    f"these {num_layers} layers would be {', '.join(layers)}"
+  )
+  raise _unsupported("block_types", types, why)
+
+
+def _recurrent_gemma_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """RecurrentGemmaConfig → ModelConfig keyword arguments (Griffin, or Hawk if no attention)."""
+  _check_implements(hf, _RECURRENT_GEMMA_IMPLEMENTS)
+  heads, d_model = _get(hf, "num_attention_heads"), _get(hf, "hidden_size")
+  num_layers = _get(hf, "num_hidden_layers")
+  kv_heads = hf.get("num_key_value_heads") or heads  # transformers' default: heads, not MQA.
+  if heads % kv_heads:
+    raise UserError(
+      f"num_attention_heads={heads} is not a multiple of num_key_value_heads="
+      f"{kv_heads} in config.json; fix config.json"
+    )
+  # transformers derives head_dim = hidden_size // heads, unless config.json has one.
+  head_dim = hf.get("head_dim") or d_model // heads
+  lru_width = hf.get("lru_width") or d_model
+  if lru_width % heads:
+    raise UserError(
+      f"lru_width={lru_width} is not a multiple of num_attention_heads={heads} (the RG-LRU "
+      "gates have one block per head) in config.json; fix config.json"
+    )
+  theta, fraction = _rope(hf, partial_default=0.5)  # RecurrentGemma rotates half by default.
+  rotary = int(head_dim * fraction)
+  if not 0 < fraction <= 1 or rotary <= 0 or rotary % 2:
+    why = f"RoPE needs a positive even number of rotated dims (of head_dim={head_dim})"
+    raise _unsupported("partial_rotary_factor", fraction, why)
+  window = hf.get("attention_window_size", 2048)
+  if not isinstance(window, int) or window <= 0:
+    raise _unsupported("attention_window_size", window, "use a positive window size")
+  cap = hf.get("logits_soft_cap", 30.0)
+  if not isinstance(cap, (int, float)) or cap <= 0:
+    raise _unsupported("logits_soft_cap", cap, "use a positive cap (transformers always caps)")
+  return dict(
+    arch=_recurrent_gemma_arch(hf, num_layers),
+    vocab_size=_get(hf, "vocab_size"),
+    d_model=d_model,
+    num_layers=num_layers,
+    num_heads=heads,
+    num_kv_heads=kv_heads,
+    head_dim=head_dim,
+    mlp_dim=_get(hf, "intermediate_size") // 2,  # transformers' MLP is intermediate_size // 2.
+    window=window,  # A query sees `window` keys, itself included (as Fulcrum's window).
+    rope_theta=theta,
+    rope_fraction=fraction,
+    attn_out_bias=True,
+    lru_width=lru_width,
+    conv_width=hf.get("conv1d_width", 4),
+    norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    scale_embeddings=True,
+    embed_scale_bf16=True,  # transformers multiplies by a bfloat16 sqrt(hidden_size).
+    logits_soft_cap=float(cap),
+  )
+
+
+def _recurrent_gemma_rules(c: ModelConfig) -> list[Rule]:
+  """Tensor names of RecurrentGemmaForCausalLM."""
+  rules = [Rule("model.embed_tokens.weight", ("embedder", "embedding"))]
+  pattern = block_pattern(c.arch)
+  for i in range(c.num_layers):
+    hf, ours = f"model.layers.{i}.", (f"blocks_{i}",)
+    rules += [
+      Rule(hf + "temporal_pre_norm.weight", (*ours, "temporal_pre_norm", "scale")),
+      Rule(hf + "channel_pre_norm.weight", (*ours, "channel_pre_norm", "scale")),
+    ]
+    for name in ("gate", "up", "down"):
+      rules += [
+        Rule(f"{hf}mlp_block.{name}_proj.weight", (*ours, "mlp_block", name, "kernel"), linear()),
+        Rule(f"{hf}mlp_block.{name}_proj.bias", (*ours, "mlp_block", name, "bias")),
+      ]
+    hf += "temporal_block."
+    if pattern[i % len(pattern)].temporal == ATTENTION:
+      attn = (*ours, "attention_block")
+      rules += [
+        Rule(hf + "q_proj.weight", (*attn, "q", "kernel"), linear()),
+        Rule(hf + "k_proj.weight", (*attn, "k", "kernel"), linear()),
+        Rule(hf + "v_proj.weight", (*attn, "v", "kernel"), linear()),
+        Rule(hf + "o_proj.weight", (*attn, "o", "kernel"), linear(in_axes=2)),
+        Rule(hf + "o_proj.bias", (*attn, "o", "bias")),
+      ]
+      continue
+    block = (*ours, "recurrent_block")
+    for name in ("linear_x", "linear_y", "linear_out"):
+      rules += [
+        Rule(f"{hf}{name}.weight", (*block, name, "kernel"), linear()),
+        Rule(f"{hf}{name}.bias", (*block, name, "bias")),
+      ]
+    # The RG-LRU gates are block-diagonal [heads, i, i], applied as x @ W in both.
+    lru = (*block, "rg_lru")
+    rules += [
+      Rule(hf + "conv_1d.weight", (*block, "conv_1d", "kernel"), CONV),
+      Rule(hf + "conv_1d.bias", (*block, "conv_1d", "bias")),
+      Rule(hf + "rg_lru.recurrent_param", (*lru, "a_param")),
+      Rule(hf + "rg_lru.input_gate_weight", (*lru, "input_gate", "kernel")),
+      Rule(hf + "rg_lru.input_gate_bias", (*lru, "input_gate", "bias")),
+      Rule(hf + "rg_lru.recurrent_gate_weight", (*lru, "a_gate", "kernel")),
+      Rule(hf + "rg_lru.recurrent_gate_bias", (*lru, "a_gate", "bias")),
+    ]
+  # Every RecurrentGemma norm scales by 1 + w; Fulcrum's final norm is a plain RMSNorm.
+  rules.append(Rule("model.final_norm.weight", ("final_norm", "scale"), PLUS_ONE))
+  if not c.tie_embeddings:
+    rules.append(Rule("lm_head.weight", ("lm_head", "kernel"), linear()))
+  return rules
+
+
 CONVERTERS: dict[str, Converter] = {
   "llama": Converter(
     architectures=("LlamaForCausalLM",),
@@ -239,14 +452,44 @@ CONVERTERS: dict[str, Converter] = {
     to_hf_config=lambda c: _llama_hf_config(c, "mistral"),
     ignored=("rotary_emb.inv_freq",),
   ),
+  "mamba": Converter(
+    architectures=("MambaForCausalLM",),
+    to_config=_mamba_config,
+    rules=_mamba_rules,
+  ),
+  "recurrent_gemma": Converter(
+    architectures=("RecurrentGemmaForCausalLM",),
+    to_config=_recurrent_gemma_config,
+    rules=_recurrent_gemma_rules,
+    ignored=("rotary_emb.", "model.normalizer"),  # Buffers, derived from the config.
+  ),
+}
+
+
+# ModelConfig options Llama/Mistral lack, with the value they must have to be exported.
+_LLAMA_LACKS = {
+  "rope_fraction": 1.0,
+  "attn_out_bias": False,
+  "scale_embeddings": False,
+  "embed_scale_bf16": False,
+  "logits_soft_cap": 0.0,
 }
 
 
 def export_model_type(config: ModelConfig) -> str:
   """The Hugging Face model_type a Fulcrum model is saved as."""
-  if config.arch == "transformer":
-    return "mistral" if config.window else "llama"  # HF Llama has no sliding window.
-  raise UserError(f"save_pretrained cannot export model.arch {config.arch!r}; use a transformer")
+  if config.arch != "transformer":
+    raise UserError(
+      f"save_pretrained cannot export model.arch {config.arch!r}: Fulcrum exports transformers "
+      "only (as Llama or Mistral); Mamba and RecurrentGemma checkpoints are import only"
+    )
+  for key, plain in _LLAMA_LACKS.items():
+    if getattr(config, key) != plain:
+      raise UserError(
+        f"save_pretrained cannot export model.{key}={getattr(config, key)!r}: Llama and "
+        f"Mistral have no such option; only model.{key}={plain!r} can be exported"
+      )
+  return "mistral" if config.window else "llama"  # HF Llama has no sliding window.
 
 
 # --- load / save -----------------------------------------------------------------------------

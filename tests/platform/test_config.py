@@ -47,6 +47,9 @@ def test_bad_overrides(item, match):
     ("model.dtype=float8", "model.dtype"),
     ("train.grad_accum_steps=3", "grad_accum_steps"),
     ("mesh.fsdp=0", "mesh.fsdp"),
+    ("model.rope_fraction=0", "model.rope_fraction must be in"),
+    ("model.rope_fraction=1.5", "model.rope_fraction must be in"),
+    ("model.rope_fraction=0.3", "rotates 19 of each head's 64 dims"),
   ],
 )
 def test_validation(item, match):
@@ -54,6 +57,12 @@ def test_validation(item, match):
   config_lib.apply_overrides(c, [item])
   with pytest.raises(UserError, match=match):
     config_lib.validate(c)
+
+
+def test_partial_rope_that_rotates_an_even_number_of_dims_is_valid():
+  c = config_lib.base_config()
+  config_lib.apply_overrides(c, ["model.rope_fraction=0.5", "model.attn_out_bias=true"])
+  config_lib.validate(c)
 
 
 def test_json_round_trip():

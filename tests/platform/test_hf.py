@@ -19,11 +19,12 @@ import pytest
 from flax import linen as nn
 
 from fulcrum.modules import LM, ModelConfig, build
+from fulcrum.modules.layers import Embedder
 from fulcrum.platform import hf
 from fulcrum.platform.errors import UserError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
-NAMES = ["tiny_llama", "tiny_mistral"]
+NAMES = ["tiny_llama", "tiny_mistral", "tiny_mamba", "tiny_recurrent_gemma"]
 
 
 def reference(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +78,116 @@ def test_fixture_exercises_sliding_window(loaded):
   assert np.abs(logits(full, params, tokens) - want).max() > 0.1
 
 
+def test_mamba_and_recurrent_gemma_configs_are_mapped(loaded):
+  mamba, rg = loaded["tiny_mamba"][0].config, loaded["tiny_recurrent_gemma"][0].config
+  assert (mamba.arch, mamba.num_layers, mamba.d_model, mamba.vocab_size) == ("mamba", 2, 64, 128)
+  assert (mamba.ssm_state, mamba.ssm_expand, mamba.conv_width, mamba.ssm_dt_rank) == (16, 2, 4, 4)
+  assert (mamba.norm_eps, mamba.tie_embeddings, mamba.scan_layers) == (1e-5, True, False)
+  assert (rg.arch, rg.num_layers, rg.d_model, rg.lru_width, rg.conv_width) == (
+    "griffin",
+    3,
+    64,
+    64,
+    4,
+  )
+  assert (rg.num_heads, rg.num_kv_heads, rg.per_head_dim, rg.mlp_dim, rg.window) == (
+    4,
+    1,
+    16,
+    48,
+    8,
+  )
+  assert (rg.rope_theta, rg.rope_fraction, rg.attn_out_bias, rg.logits_soft_cap) == (
+    1e4,
+    0.5,
+    True,
+    15.0,
+  )
+  assert (rg.scale_embeddings, rg.embed_scale_bf16, rg.tie_embeddings, rg.norm_eps) == (
+    True,
+    True,
+    True,
+    1e-6,
+  )
+
+
+def rg_config(**changes) -> dict:
+  """The tiny RecurrentGemma config.json with `changes` (... removes a key)."""
+  config = json.loads((FIXTURES / "tiny_recurrent_gemma" / "config.json").read_text())
+  config.update(changes)
+  return {k: v for k, v in config.items() if v is not ...}
+
+
+@pytest.mark.parametrize(
+  "block_types,num_layers,arch",
+  [
+    (["recurrent", "recurrent", "attention"], 7, "griffin"),
+    (["recurrent", "recurrent", "attention"] * 2, 6, "griffin"),
+    (["recurrent", "recurrent", "attention"], 2, "hawk"),  # Layers 0 and 1 only: no attention.
+    (["recurrent"], 5, "hawk"),
+    (..., 3, "griffin"),  # RecurrentGemmaConfig's default.
+  ],
+)
+def test_recurrent_gemma_block_types(block_types, num_layers, arch):
+  config = rg_config(block_types=block_types, num_hidden_layers=num_layers)
+  assert hf.CONVERTERS["recurrent_gemma"].to_config(config)["arch"] == arch
+
+
+def test_recurrent_gemma_transformers_4_config_keys(loaded):
+  """transformers 4.x wrote rope_theta and partial_rotary_factor at the top level (or no factor:
+  RecurrentGemma's default is 0.5); a config.json without head_dim derives it."""
+  want = hf.CONVERTERS["recurrent_gemma"].to_config(rg_config())
+  for extra in ({"partial_rotary_factor": 0.5}, {}):
+    config = rg_config(rope_parameters=..., head_dim=..., rope_theta=1e4, **extra)
+    assert hf.CONVERTERS["recurrent_gemma"].to_config(config) == want
+  config = rg_config(rope_parameters=..., rope_theta=500.0, partial_rotary_factor=0.25)
+  got = hf.CONVERTERS["recurrent_gemma"].to_config(config)
+  assert (got["rope_theta"], got["rope_fraction"]) == (500.0, 0.25)
+
+
+def test_recurrent_gemma_fixture_exercises_its_conventions(loaded):
+  """Each RecurrentGemma convention matters on the fixture: getting it wrong is far off.
+
+  The window is transformers' (a query sees `attention_window_size` keys, itself included), not
+  DeepMind's (one more); RoPE rotates half of each head; logits are soft-capped; the final norm
+  scales by 1 + w.
+  """
+  model, params = loaded["tiny_recurrent_gemma"]
+  tokens, want = reference("tiny_recurrent_gemma")
+  for changes in [
+    dict(window=9),  # DeepMind's convention for window_size 8.
+    dict(window=7),
+    dict(window=0),
+    dict(rope_fraction=1.0),
+    dict(logits_soft_cap=0.0),
+  ]:
+    wrong = build(dataclasses.replace(model.config, **changes))
+    assert np.abs(logits(wrong, params, tokens) - want).max() > 0.5, changes
+  plain_final_norm = {**params, "final_norm": {"scale": params["final_norm"]["scale"] - 1}}
+  assert np.abs(logits(model, plain_final_norm, tokens) - want).max() > 0.5
+  assert np.abs(want).max() > 10  # The cap (15) bends the largest logits ...
+  assert np.abs(want).std() < 5  # ... without flattening them all.
+
+
+def test_mamba_fixture_exercises_the_conv_tap_order(loaded):
+  model, params = loaded["tiny_mamba"]
+  tokens, want = reference("tiny_mamba")
+  mixer = params["blocks_0"]["mixer"]
+  conv = {**mixer["conv1d"], "kernel": mixer["conv1d"]["kernel"][::-1]}
+  flipped = {**params, "blocks_0": {**params["blocks_0"], "mixer": {**mixer, "conv1d": conv}}}
+  assert np.abs(logits(model, flipped, tokens) - want).max() > 0.5
+
+
+def test_embedding_scale_is_rounded_to_bfloat16_like_recurrent_gemma():
+  """transformers (and DeepMind) scale by a bfloat16 sqrt(hidden_size): 9.8125 for 96."""
+  table = np.random.default_rng(0).normal(size=(4, 96)).astype(np.float32)
+  tokens = jnp.arange(4)[None]
+  for bf16, scale in [(True, 9.8125), (False, np.float32(np.sqrt(96)))]:
+    embedder = Embedder(4, 96, scale_by_sqrt_dim=True, scale_in_bf16=bf16)
+    got = embedder.apply({"params": {"embedding": table}}, tokens)
+    np.testing.assert_array_equal(got[0], table * np.float32(scale))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_params_are_plain_float32_in_the_init_tree(loaded, name):
   model, params = loaded[name]
@@ -90,7 +201,8 @@ def test_params_are_plain_float32_in_the_init_tree(loaded, name):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("prefill", [1, 11])
 def test_decoding_with_cache_reproduces_full_pass(loaded, name, prefill):
-  """A prompt chunk (longer than the Mistral window when 11), then one token at a time."""
+  """A prompt chunk (longer than the Mistral and RecurrentGemma windows when 11), then one
+  token at a time; Mamba and the RG-LRU carry their recurrent and conv states over."""
   model, params = loaded[name]
   tokens, _ = reference(name)
   b, t = tokens.shape
@@ -102,9 +214,9 @@ def test_decoding_with_cache_reproduces_full_pass(loaded, name, prefill):
     out, cache = step(tokens[:, start:end], positions[:, start:end], cache)
     chunks.append(np.asarray(out))
     start = end
-  np.testing.assert_allclose(
-    np.concatenate(chunks, axis=1), logits(model, params, tokens), rtol=1e-5, atol=1e-5
-  )
+  decoded = np.concatenate(chunks, axis=1)
+  np.testing.assert_allclose(decoded, logits(model, params, tokens), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(decoded, reference(name)[1], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -210,6 +322,31 @@ def test_save_in_bfloat16_rounds_the_weights(loaded, tmp_path):
   _, params2 = hf.load_pretrained(tmp_path)
   for key, value in flat(params).items():
     np.testing.assert_array_equal(flat(params2)[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["tiny_mamba", "tiny_recurrent_gemma"])
+def test_save_refuses_import_only_architectures(loaded, tmp_path, name):
+  model, params = loaded[name]
+  with pytest.raises(UserError, match=f"cannot export model.arch '{model.config.arch}'.*import"):
+    hf.save_pretrained(model, params, tmp_path)
+  assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+  "changes",
+  [
+    dict(logits_soft_cap=30.0),
+    dict(scale_embeddings=True),
+    dict(rope_fraction=0.5),
+    dict(attn_out_bias=True),
+  ],
+)
+def test_save_refuses_transformer_options_llama_lacks(loaded, tmp_path, changes):
+  model, params = loaded["tiny_llama"]
+  ((key, value),) = changes.items()
+  with pytest.raises(UserError, match=f"model.{key}={value!r}.*Llama"):
+    hf.save_pretrained(build(dataclasses.replace(model.config, **changes)), params, tmp_path)
+  assert not any(tmp_path.iterdir())
 
 
 def test_save_rejects_params_of_another_model(loaded, tmp_path):
@@ -351,8 +488,8 @@ MISTRAL_CASES = {"untied without lm_head", "missing shard"}
     ("bad json", ["not valid JSON"]),
     ("pickle only", ["pytorch_model.bin", "convert them to safetensors"]),
     ("no weights", ["no *.safetensors"]),
-    ("gpt2", ["'gpt2'", "llama, mistral"]),
-    ("no model_type", ["no model_type", "llama, mistral"]),
+    ("gpt2", ["'gpt2'", "llama, mamba, mistral, recurrent_gemma"]),
+    ("no model_type", ["no model_type", "llama, mamba, mistral, recurrent_gemma"]),
     ("classifier", ["LlamaForSequenceClassification", "LlamaForCausalLM"]),
     ("attention_bias", ["attention_bias=true", "attention_bias=false"]),
     ("mlp_bias", ["mlp_bias=true"]),
@@ -382,3 +519,59 @@ def test_bad_checkpoints_raise_one_line_user_errors(tmp_path, case, expected):
 def test_bad_dtype_is_a_user_error():
   with pytest.raises(UserError, match="float32, bfloat16 or float16"):
     hf.load_pretrained(FIXTURES / "tiny_llama", dtype="int8")
+
+
+@pytest.mark.parametrize(
+  "name,changes,expected",
+  [
+    ("tiny_mamba", dict(use_conv_bias=False), ["use_conv_bias=false", "use_conv_bias=true"]),
+    ("tiny_mamba", dict(use_bias=True), ["use_bias=true", "use_bias=false"]),
+    ("tiny_mamba", dict(hidden_act="gelu"), ['hidden_act="gelu"', "silu"]),
+    ("tiny_mamba", dict(time_step_rank="low"), ['time_step_rank="low"', '"auto"']),
+    ("tiny_mamba", dict(intermediate_size=100), ["intermediate_size=100", "whole factor"]),
+    ("tiny_mamba", dict(architectures=["MambaModel"]), ["MambaModel", "MambaForCausalLM"]),
+    (
+      "tiny_recurrent_gemma",
+      dict(block_types=["recurrent", "attention"]),
+      ['block_types=["recurrent", "attention"]', "(recurrent, recurrent, attention)"],
+    ),
+    (
+      "tiny_recurrent_gemma",
+      dict(block_types=["attention", "recurrent", "recurrent"]),
+      ["block_types=", "from layer 0", "attention, recurrent, recurrent"],
+    ),
+    ("tiny_recurrent_gemma", dict(block_types=["mlp"]), ['block_types=["mlp"]']),
+    ("tiny_recurrent_gemma", dict(attention_bias=True), ["attention_bias=true"]),
+    ("tiny_recurrent_gemma", dict(hidden_activation="gelu"), ['hidden_activation="gelu"']),
+    (
+      "tiny_recurrent_gemma",
+      dict(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.1875}),
+      ["partial_rotary_factor=0.1875", "even"],
+    ),
+    (
+      "tiny_recurrent_gemma",
+      dict(rope_parameters={"rope_type": "linear", "factor": 2.0}),
+      ['rope_parameters.rope_type="linear"', "RoPE"],
+    ),
+    ("tiny_recurrent_gemma", dict(logits_soft_cap=None), ["logits_soft_cap=null"]),
+    ("tiny_recurrent_gemma", dict(lru_width=66), ["lru_width=66", "num_attention_heads=4"]),
+    ("tiny_recurrent_gemma", dict(num_key_value_heads=3), ["num_key_value_heads=3"]),
+  ],
+)
+def test_unsupported_mamba_and_recurrent_gemma_configs(tmp_path, name, changes, expected):
+  folder = copy_fixture(name, tmp_path)
+  edit_config(folder, **changes)
+  with pytest.raises(UserError) as info:
+    hf.load_pretrained(folder)
+  message = str(info.value)
+  assert "\n" not in message
+  for text in expected:
+    assert text in message, (text, message)
+
+
+def test_all_recurrent_block_types_need_recurrent_weights(tmp_path):
+  """block_types ["recurrent"] makes the fixture a Hawk, whose layer 2 weights are missing."""
+  folder = copy_fixture("tiny_recurrent_gemma", tmp_path)
+  edit_config(folder, block_types=["recurrent"])
+  with pytest.raises(UserError, match="model.layers.2.temporal_block.*missing"):
+    hf.load_pretrained(folder)
