@@ -2,7 +2,9 @@
 
 Trained on sequences of 64 tokens (vocabulary 16 + trigger); evaluated at 64, 256 and 1024
 tokens (`eval/accuracy`, `eval/accuracy_4x`, `eval/accuracy_16x`). The paper finds Mamba
-extrapolates far beyond its training length while attention fails past ~2×.
+extrapolates far beyond its training length while attention fails past ~2×. Measured (2 layers,
+d_model 64, 2000 steps, 4-20 min on 2 CPU cores): all reach 100% at 1×; at 16× Mamba 100%,
+Griffin (3 layers) 89%, Hawk 68%, the transformer 7%.
 
   fulcrum train --recipe synthetic_induction_heads --workdir runs/induction \
     --set model.arch=mamba
