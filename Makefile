@@ -7,7 +7,7 @@ RECIPE ?= lm_transformer
 WORKDIR ?= runs/$(RECIPE)
 ARGS ?=
 PROMPT ?= def __init__(self
-BENCH ?= train
+BENCH ?= train scan scaling decode_latency  # make bench BENCH=scan: just one
 
 .PHONY: setup demo test train eval decode bench notebooks lint format clean
 
@@ -37,7 +37,7 @@ decode: setup
 	$(BIN)/fulcrum decode --workdir $(WORKDIR) --prompt '$(PROMPT)' $(ARGS)
 
 bench: setup
-	$(BIN)/fulcrum bench $(BENCH) --json
+	for b in $(BENCH); do $(BIN)/fulcrum bench $$b --json || exit $$?; done
 
 notebooks: setup
 	$(BIN)/python -m pytest -q tests/test_notebooks.py
