@@ -140,68 +140,59 @@ FIXTURES = {
 }
 
 
-def redraw_weights(model: torch.nn.Module, storage: torch.dtype, seed: int) -> None:
-  """Unit-scale random weights, rounded to the storage dtype (kept in float32)."""
+def llama_value(name: str, p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+  """Llama/Mistral: norm scales around 1, q/k larger so attention is peaked."""
+  if name.endswith("norm.weight"):
+    return 1.0 + 0.2 * noise
+  if "embed_tokens" in name:  # Also the output layer when tied: keep logits O(10).
+    return 0.25 * noise
+  gain = 2.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0
+  return noise * gain / math.sqrt(p.shape[1])  # torch Linear weight [out, in].
+
+
+def mamba_value(name: str, p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+  """Mamba: A_log, D and the dt bias stay near HF's init."""
+  if name.endswith(("norm.weight", "norm_f.weight")):
+    return 1.0 + 0.2 * noise
+  if "embeddings" in name:  # Also the (tied) output layer.
+    return 0.25 * noise
+  if name.endswith(("A_log", "dt_proj.bias")):  # log(1..N); softplus⁻¹(dt), dt ~ 1e-3..0.1.
+    return p.float() + 0.1 * noise
+  if name.endswith(".D"):
+    return 1.0 + 0.2 * noise
+  if name.endswith("conv1d.weight"):  # [f, 1, w]
+    return noise / math.sqrt(p.shape[-1])
+  if name.endswith("conv1d.bias"):
+    return 0.2 * noise
+  return noise / math.sqrt(p.shape[1])  # Linear [out, in]: in_proj, x_proj, dt_proj, out_proj.
+
+
+def recurrent_gemma_value(name: str, p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+  """RecurrentGemma: norms scale by 1 + w; recurrent_param stays near HF's init."""
+  if name.endswith("norm.weight"):
+    return 0.2 * noise
+  if "embed_tokens" in name:  # Scaled by sqrt(64) = 8 on input; the tied output layer.
+    return 0.25 * noise
+  if name.endswith("recurrent_param"):  # softplus of it = -log a, a in [0.9, 0.999].
+    return p.float() + 0.1 * noise
+  if name.endswith(("gate_weight", "conv_1d.weight")):  # [heads, i, i] and [f, 1, w].
+    return noise / math.sqrt(p.shape[-1])
+  if name.endswith("bias"):
+    return 0.2 * noise
+  gain = 2.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0
+  return noise * gain / math.sqrt(p.shape[1])  # torch Linear weight [out, in].
+
+
+REDRAW = {"mamba": mamba_value, "recurrent_gemma": recurrent_gemma_value}
+
+
+def redraw_weights(model: torch.nn.Module, value_fn, storage: torch.dtype, seed: int) -> None:
+  """Seeded unit-scale weights by `value_fn(name, param, noise)`, rounded to `storage`."""
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
       noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-      if name.endswith("norm.weight"):
-        value = 1.0 + 0.2 * noise
-      elif "embed_tokens" in name:  # Also the output layer when tied: keep logits O(10).
-        value = 0.25 * noise
-      else:  # torch Linear weight [out, in].
-        gain = 2.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0
-        value = noise * gain / math.sqrt(p.shape[1])
-      p.copy_(value.to(storage).to(torch.float32))
-
-
-def redraw_mamba(model: torch.nn.Module, storage: torch.dtype, seed: int) -> None:
-  """Unit-scale weights for MambaForCausalLM; A_log, D and the dt bias stay near HF's init."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-      if name.endswith(("norm.weight", "norm_f.weight")):
-        value = 1.0 + 0.2 * noise
-      elif "embeddings" in name:  # Also the (tied) output layer.
-        value = 0.25 * noise
-      elif name.endswith(("A_log", "dt_proj.bias")):  # log(1..N); softplus⁻¹(dt), dt ~ 1e-3..0.1.
-        value = p.float() + 0.1 * noise
-      elif name.endswith(".D"):
-        value = 1.0 + 0.2 * noise
-      elif name.endswith("conv1d.weight"):  # [f, 1, w]
-        value = noise / math.sqrt(p.shape[-1])
-      elif name.endswith("conv1d.bias"):
-        value = 0.2 * noise
-      else:  # torch Linear weight [out, in]: in_proj, x_proj, dt_proj, out_proj.
-        value = noise / math.sqrt(p.shape[1])
-      p.copy_(value.to(storage).to(torch.float32))
-
-
-def redraw_recurrent_gemma(model: torch.nn.Module, storage: torch.dtype, seed: int) -> None:
-  """Unit-scale weights for RecurrentGemmaForCausalLM; recurrent_param stays near HF's init."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-      if name.endswith("norm.weight"):  # Norms scale by 1 + w.
-        value = 0.2 * noise
-      elif "embed_tokens" in name:  # Scaled by sqrt(64) = 8 on input; the tied output layer.
-        value = 0.25 * noise
-      elif name.endswith("recurrent_param"):  # softplus of it = -log a, a in [0.9, 0.999].
-        value = p.float() + 0.1 * noise
-      elif name.endswith(("gate_weight", "conv_1d.weight")):  # [heads, i, i] and [f, 1, w].
-        value = noise / math.sqrt(p.shape[-1])
-      elif name.endswith("bias"):
-        value = 0.2 * noise
-      else:  # torch Linear weight [out, in].
-        gain = 2.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0
-        value = noise * gain / math.sqrt(p.shape[1])
-      p.copy_(value.to(storage).to(torch.float32))
-
-
-REDRAW = {"mamba": redraw_mamba, "recurrent_gemma": redraw_recurrent_gemma}
+      p.copy_(value_fn(name, p, noise).to(storage).to(torch.float32))
 
 
 def save(model: torch.nn.Module, folder: Path, max_shard_size: str | None) -> None:
@@ -221,7 +212,7 @@ def make(name: str, spec: dict, seed: int) -> None:
   config = spec["config"]()
   model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
   model = model.to(torch.float32).eval()
-  REDRAW.get(spec.get("redraw"), redraw_weights)(model, spec["storage"], seed)
+  redraw_weights(model, REDRAW.get(spec.get("redraw"), llama_value), spec["storage"], seed)
   rng = np.random.default_rng(seed)
   input_ids = rng.integers(0, config.vocab_size, size=(BATCH, LENGTH), dtype=np.int64)
   with torch.no_grad():

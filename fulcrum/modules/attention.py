@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jaxtyping import Array, Bool, Float, Int
 
+from fulcrum.modules.config import ModelConfig
 from fulcrum.modules.layers import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, dense, rope
 
 
@@ -163,6 +164,24 @@ class Attention(nn.Module):
   out_bias: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+
+  @classmethod
+  def from_config(cls, c: ModelConfig, *, num_kv_heads: int, name: str) -> Attention:
+    """The attention layer a model config describes (transformer and Griffin blocks share it)."""
+    return cls(
+      c.d_model,
+      c.num_heads,
+      num_kv_heads,
+      c.per_head_dim,
+      window=c.window,
+      rope_theta=c.rope_theta,
+      rope_fraction=c.rope_fraction,
+      out_bias=c.attn_out_bias,
+      impl=AttentionImpl(c.attention_impl),
+      dtype=c.compute_dtype,
+      param_dtype=jnp.float32,
+      name=name,
+    )
 
   @nn.compact
   def __call__(

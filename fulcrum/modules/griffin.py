@@ -31,7 +31,7 @@ from flax import linen as nn
 from jaxtyping import Array, Float, Int
 
 from fulcrum.modules import scan
-from fulcrum.modules.attention import Attention, AttentionImpl, KVCache
+from fulcrum.modules.attention import Attention, KVCache
 from fulcrum.modules.config import ModelConfig
 from fulcrum.modules.layers import (
   BATCH,
@@ -292,19 +292,8 @@ class ResidualBlock(nn.Module):
         **kw,
       )(h, positions, cache)
     else:
-      h, cache = Attention(
-        c.d_model,
-        c.num_heads,
-        c.num_kv_heads or 1,
-        c.per_head_dim,
-        window=c.window,
-        rope_theta=c.rope_theta,
-        rope_fraction=c.rope_fraction,
-        out_bias=c.attn_out_bias,
-        impl=AttentionImpl(c.attention_impl),
-        name="attention_block",
-        **kw,
-      )(h, positions, cache)
+      attention = Attention.from_config(c, num_kv_heads=c.num_kv_heads or 1, name="attention_block")
+      h, cache = attention(h, positions, cache)
     x = nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED))
     h = RMSNorm(c.norm_eps, scale_offset=1.0, name="channel_pre_norm", **kw)(x)
     h = GatedMLP(

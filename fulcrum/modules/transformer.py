@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jaxtyping import Array, Float, Int
 
-from fulcrum.modules.attention import Attention, AttentionImpl, KVCache
+from fulcrum.modules.attention import Attention, KVCache
 from fulcrum.modules.config import ModelConfig
 from fulcrum.modules.layers import BATCH, EMBED, LENGTH, GatedMLP, RMSNorm
 
@@ -29,19 +29,7 @@ class TransformerBlock(nn.Module):
     c = self.config
     kw = dict(dtype=c.compute_dtype, param_dtype=jnp.float32)
     h = RMSNorm(c.norm_eps, name="attn_norm", **kw)(x)
-    h, cache = Attention(
-      c.d_model,
-      c.num_heads,
-      c.kv_heads,
-      c.per_head_dim,
-      window=c.window,
-      rope_theta=c.rope_theta,
-      rope_fraction=c.rope_fraction,
-      out_bias=c.attn_out_bias,
-      impl=AttentionImpl(c.attention_impl),
-      name="attn",
-      **kw,
-    )(h, positions, cache)
+    h, cache = Attention.from_config(c, num_kv_heads=c.kv_heads, name="attn")(h, positions, cache)
     x = nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED))
     h = RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x)
     h = GatedMLP(c.d_model, c.hidden_dim, "silu", name="mlp", **kw)(h)
