@@ -7,7 +7,7 @@ RECIPE ?= lm_transformer
 WORKDIR ?= runs/$(RECIPE)
 ARGS ?=
 PROMPT ?= def __init__(self
-BENCH ?= train scan scaling decode_latency  # make bench BENCH=scan: just one
+BENCH ?= train scan scaling decode_latency optim  # make bench BENCH=scan: just one
 
 .PHONY: setup demo test train eval decode bench notebooks lint format clean
 

@@ -24,7 +24,7 @@ ARCHS = ("transformer", "mamba", "griffin", "hawk")
 def _latency(model: LM, context: int, repeats: int) -> float:
   tokens = jax.random.randint(jax.random.key(0), (1, context), 0, 256)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(1), tokens[:, :8])["params"])
-  decode = jax.jit(lambda p, x, pos, c: model.apply({"params": p}, x, pos, c, method=LM.decode))
+  decode = jax.jit(lambda p, x, pos, c: model.apply({"params": p}, x, pos, c, method="decode"))
   cache = model.init_cache(1, context + 1)
   positions = jnp.arange(context, dtype=jnp.int32)[None]
   _, cache = decode(params, tokens, positions, cache)

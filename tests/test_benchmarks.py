@@ -72,3 +72,42 @@ def test_benchmark_models_attend_as_documented():
   """The transformer attends to the whole sequence; Griffin's attention is local."""
   assert bench_scaling._model("transformer", quick=False).config.window == 0
   assert bench_scaling._model("griffin", quick=False).config.window == 1024
+
+
+def test_optim_ratios_and_table():
+  """`bench optim`'s ratios divide each run's figures by AdamW's; the table shows every run."""
+  from benchmarks import bench_optim
+
+  def row(state, step, loss, peak=100.0):
+    return {
+      "learning_rate": 1e-3,
+      "state_bytes": state,
+      "peak_step_bytes": peak,
+      "step_time_ms": step,
+      "eval_loss": loss,
+      "train_loss": [(1, 5.0), (2, loss)],
+    }
+
+  rows = {
+    "adamw": row(1000, 10.0, 2.0),
+    "galore": row(350, 11.0, 2.04, peak=90.0),
+    "adam8bit": row(260, 10.5, 2.01),
+    "galore8bit": row(150, 12.0, 2.05),
+    "adamw_qat": row(1000, 20.0, 2.1),
+  }
+  ratios = bench_optim.analyse(rows)
+  assert ratios["galore_state_ratio"] == pytest.approx(0.35)
+  assert ratios["galore_loss_ratio"] == pytest.approx(1.02)
+  assert ratios["galore_step_time_ratio"] == pytest.approx(1.1)
+  assert ratios["galore_peak_memory_ratio"] == pytest.approx(0.9)
+  assert ratios["adam8bit_state_ratio"] == pytest.approx(0.26)
+  assert ratios["adam8bit_loss_ratio"] == pytest.approx(1.005)
+  assert ratios["qat_loss_ratio"] == pytest.approx(1.05)
+  config = dict(
+    d_model=64, num_layers=2, params_m=0.1, seq_len=32, batch_size=4, steps=2, galore_rank=16,
+    update_proj_gap=200,
+  )
+  md = bench_optim.markdown({"config": config, "optimizers": rows, "device": "test"})
+  for name in bench_optim.OPTIMIZERS:
+    assert f"| {name} |" in md
+  assert "| galore | 0.001 | 0.00 | 0.35 |" in md

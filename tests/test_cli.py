@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,14 @@ def test_recipes_lists_every_recipe():
     (
       ["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "model.arch=rnn"],
       ["model.arch='rnn'"],
+    ),
+    (
+      ["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "optimizer.name=sgd"],
+      ["optimizer.name='sgd'", "galore8bit"],
+    ),
+    (
+      ["train", "--recipe", "demo", "--workdir", "/tmp/x", "--set", "model.quant=int4"],
+      ["model.quant='int4'", "int8_weight"],
     ),
     (["train", "--recipe", "demo"], ["--workdir"]),
     (["frobnicate"], ["invalid choice"]),
@@ -147,6 +156,19 @@ def test_train_eval_decode_round_trip(tiny_corpus, tmp_path):
     ]
   )
   assert_user_error(changed, "different model", "model.d_model")
+  # Another optimizer would not fit the checkpointed state: refused, checkpoints kept.
+  other_optimizer = run_cli(
+    [
+      "train",
+      "--recipe",
+      "demo",
+      "--workdir",
+      workdir,
+      *sets(tiny_overrides(tiny_corpus, **{"train.steps": 8, "optimizer.name": "galore"})),
+    ]
+  )
+  assert_user_error(other_optimizer, "optimizer state", "optimizer.name: 'adamw' -> 'galore'")
+  assert not list(Path(workdir, "checkpoints").glob("corrupt-*"))
 
   ev = run_cli(["eval", "--workdir", workdir, "--json"])
   assert ev.returncode == 0, ev.stderr

@@ -34,6 +34,7 @@ class ModelConfig:
   remat: bool = False
   dtype: str = "float32"
   attention_impl: str = "auto"
+  quant: str = "none"  # Quantized training of the weight matmuls: none | int8 | int8_weight | fp8.
   # Embedding and logits (Gemma/RecurrentGemma conventions; off by default).
   scale_embeddings: bool = False  # Multiply token embeddings by sqrt(d_model).
   embed_scale_bf16: bool = False  # Round that sqrt(d_model) to bfloat16 (RecurrentGemma).

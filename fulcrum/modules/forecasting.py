@@ -106,9 +106,12 @@ class TimeLinear(nn.Module):
       jnp.float32,
     )
     x = x.astype(jnp.float32)
-    if self.individual:
-      return jnp.einsum("blc,clo->boc", x, kernel) + bias.T
-    return jnp.einsum("blc,lo->boc", x, kernel) + bias[:, None]
+    # lax.dot_general (not einsum) so quantized training (`model.quant`) reaches these maps too.
+    if self.individual:  # Contract l, batch over c: [c, b, o].
+      y = jax.lax.dot_general(x, kernel, (((1,), (1,)), ((2,), (0,))))
+      return y.transpose(1, 2, 0) + bias.T
+    y = jax.lax.dot_general(x, kernel, (((1,), (0,)), ((), ())))  # [b, c, o]
+    return y.transpose(0, 2, 1) + bias[:, None]
 
 
 def _check_inputs(x: Array, input_len: int, channels: int, name: str) -> None:

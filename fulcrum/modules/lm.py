@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jaxtyping import Array, Float, Int
 
+from fulcrum.modules import quant
 from fulcrum.modules.config import ModelConfig
 from fulcrum.modules.griffin import GRIFFIN_PATTERN, RecurrentResidualBlock
 from fulcrum.modules.layers import EMBED, VOCAB, Embedder, RMSNorm, dense
@@ -72,7 +73,7 @@ class _ScanStep(nn.Module):
 class LM(nn.Module):
   """Decoder-only language model over a stack of `config.num_layers` blocks.
 
-  `apply(variables, tokens)` returns float32 logits [b, t, v]; `apply(..., method=LM.decode)`
+  `apply(variables, tokens)` returns float32 logits [b, t, v]; `apply(..., method="decode")`
   runs tokens through a cache made by `init_cache` and returns (logits, cache).
 
   Layer i is `block_pattern(arch)[i % period]`. With `scan_layers`, `nn.scan` runs over groups of
@@ -162,7 +163,8 @@ def build(model_config: Mapping[str, Any] | ModelConfig) -> nn.Module:
 
     arch, head = model_config.get("arch"), model_config.get("head")
     if arch in forecasting.LINEAR_ARCHS or head == "forecast":
-      return forecasting.build_forecaster(model_config)
+      model = forecasting.build_forecaster(model_config)
+      return quant.quantize(model, model_config.get("quant", "none"))
   config = ModelConfig.from_mapping(model_config)
   validate(config)
-  return LM(config)
+  return quant.quantize(LM(config), config.quant, methods=("__call__", "decode"))

@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from fulcrum.modules.quant import MODES as QUANT_MODES
 from fulcrum.platform.errors import UserError
 
 ARCHS = ("transformer", "mamba", "griffin", "hawk", "dlinear", "nlinear")
@@ -59,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = False  # Stack identical blocks with nn.scan (faster compiles).
   c.model.remat = False  # Rematerialise blocks in the backward pass (saves memory).
   c.model.attention_impl = "auto"  # auto | xla | cudnn | reference.
+  c.model.quant = "none"  # Quantized training (qwix): none | int8 | int8_weight | fp8.
   c.model.scale_embeddings = False  # Multiply embeddings by sqrt(d_model) (Gemma convention).
   c.model.embed_scale_bf16 = False  # Round that sqrt(d_model) to bfloat16 (RecurrentGemma).
   c.model.logits_soft_cap = 0.0  # cap·tanh(logits/cap); 0 = off (RecurrentGemma: 30).
@@ -71,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.lru_width = 0  # Griffin, Hawk: RG-LRU width; 0 = d_model.
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adamw"  # One of: adamw.
+  c.optimizer.name = "adamw"  # adamw | galore | adam8bit | galore8bit.
   c.optimizer.learning_rate = 3e-3  # Peak learning rate.
   c.optimizer.warmup_steps = 100  # Linear warmup steps.
   c.optimizer.min_lr_ratio = 0.1  # Cosine decays to learning_rate * min_lr_ratio.
@@ -80,6 +82,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.95
   c.optimizer.eps = 1e-8
   c.optimizer.clip_norm = 1.0  # Global-norm gradient clipping; 0 disables.
+  c.optimizer.galore = ml_collections.ConfigDict()  # optimizer.name = galore | galore8bit.
+  c.optimizer.galore.rank = 128  # Projection rank r (capped at min(m, n) per matrix).
+  c.optimizer.galore.update_proj_gap = 200  # Steps T between projector refreshes (SVD).
+  c.optimizer.galore.scale = 0.25  # α on the projected-back updates.
+  c.optimizer.galore.side = "auto"  # auto (smaller dimension) | left | right.
+  c.optimizer.quant = ml_collections.ConfigDict()  # optimizer.name = adam8bit | galore8bit.
+  c.optimizer.quant.block_size = 256  # Elements per absmax block of the 8-bit moments.
+  c.optimizer.quant.min_size = 4096  # Smaller state leaves stay float32.
 
   c.data = ml_collections.ConfigDict()
   c.data.tfds_name = ""  # A registered TFDS dataset (e.g. "lm1b"); "" = the built-in corpus.
@@ -242,7 +252,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
     m.attention_impl in ("auto", "xla", "cudnn", "reference"),
     f"model.attention_impl={m.attention_impl!r}: choose auto, xla, cudnn or reference",
   )
-  need(o.name in ("adamw",), f"optimizer.name={o.name!r} is unknown; choose one of adamw")
+  optimizers = ("adamw", "galore", "adam8bit", "galore8bit")
+  need(
+    o.name in optimizers,
+    f"optimizer.name={o.name!r} is unknown; choose one of {', '.join(optimizers)}",
+  )
+  if "galore" in o:
+    g = o.galore
+    need(g.rank >= 1, f"optimizer.galore.rank must be >= 1, got {g.rank}")
+    need(
+      g.update_proj_gap >= 1,
+      f"optimizer.galore.update_proj_gap must be >= 1, got {g.update_proj_gap}",
+    )
+    need(
+      g.side in ("auto", "left", "right"),
+      f"optimizer.galore.side={g.side!r}: choose auto, left or right",
+    )
+  if "quant" in o:
+    need(
+      o.quant.block_size >= 2,
+      f"optimizer.quant.block_size must be >= 2, got {o.quant.block_size}",
+    )
+  need(
+    m.get("quant", "none") in QUANT_MODES,
+    f"model.quant={m.get('quant')!r} is unknown; choose one of {', '.join(QUANT_MODES)}",
+  )
   need(o.learning_rate > 0, f"optimizer.learning_rate must be positive, got {o.learning_rate}")
   if "mesh" in config:
     for key in ("fsdp", "tensor"):

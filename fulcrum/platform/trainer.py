@@ -105,7 +105,10 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None) -> Experim
   """Model, optimizer, mesh and the abstract (sharded) train state for a validated config."""
   task = get_task(config)
   model = modules.build(config.model)
-  tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+  abstract_params = jax.eval_shape(
+    lambda r: model.init(r, *task.example_inputs())["params"], jax.random.PRNGKey(0)
+  )
+  tx, schedule = make_optimizer(config.optimizer, config.train.steps, abstract_params)
   mesh = sharding.make_mesh(config.mesh, devices)
   boxed = jax.eval_shape(_state_init_fn(model, tx, task), jax.random.PRNGKey(0))
   state_sharding = sharding.logical_sharding(boxed, mesh)
@@ -225,6 +228,26 @@ def eval_summary(metrics: dict[str, Any]) -> str:
   )
 
 
+# Settings that change the optimizer state's shapes: a run's checkpoints cannot resume under
+# other values (the learning rate, weight decay or GaLore's gap and scale may change).
+OPTIMIZER_STATE_KEYS = (
+  "optimizer.name",
+  "optimizer.galore.rank",
+  "optimizer.galore.side",
+  "optimizer.quant.block_size",
+  "optimizer.quant.min_size",
+)
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
 def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> Path:
   """Creates `workdir`, checks it is writable and consistent with `config`, writes config.json."""
   workdir = Path(workdir).expanduser().absolute()
@@ -249,6 +272,16 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict) -> P
       raise UserError(
         f"{workdir} holds a run with a different model ({'; '.join(changed)}); "
         "use a new --workdir or the original settings"
+      )
+    changed = [
+      f"{key}: {_get(old, key)!r} -> {_get(config, key)!r}"
+      for key in OPTIMIZER_STATE_KEYS
+      if _get(old, key) is not None and _get(old, key) != _get(config, key)
+    ]
+    if changed:
+      raise UserError(
+        f"{workdir} holds a run whose optimizer state has another layout ({'; '.join(changed)});"
+        " use a new --workdir or the original settings"
       )
   if jax.process_index() == 0:
     path.write_text(config_lib.to_json(config))

@@ -50,6 +50,12 @@ def test_bad_overrides(item, match):
     ("model.rope_fraction=0", "model.rope_fraction must be in"),
     ("model.rope_fraction=1.5", "model.rope_fraction must be in"),
     ("model.rope_fraction=0.3", "rotates 19 of each head's 64 dims"),
+    ("optimizer.name=sgd", "adamw, galore, adam8bit, galore8bit"),
+    ("optimizer.galore.rank=0", "optimizer.galore.rank"),
+    ("optimizer.galore.update_proj_gap=0", "update_proj_gap"),
+    ("optimizer.galore.side=middle", "auto, left or right"),
+    ("optimizer.quant.block_size=1", "optimizer.quant.block_size"),
+    ("model.quant=int4", "none, int8, int8_weight, fp8"),
   ],
 )
 def test_validation(item, match):

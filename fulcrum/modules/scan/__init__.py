@@ -26,14 +26,16 @@ class ScanImpl(enum.StrEnum):
   PALLAS = "pallas"  # Pallas kernel, Triton (GPU) / Mosaic (TPU); interpreted on CPU.
 
 
-# AUTO per backend and scan, from benchmarks/results/scan.md (forward + backward, L = 2048 and
+# AUTO per backend and scan, from benchmarks/results/scan*.md (forward + backward, L = 2048 and
 # 8192). CPU: CHUNKED for the selective scan (3.6× REFERENCE's speed, 0.08× its temporary
 # memory); REFERENCE for the linear scan, memory-bound there, which nothing beat (CHUNKED
-# 0.6-1.0× with 0.7× the memory). GPU/TPU: PALLAS, the official kernels' design (a sequential
-# time loop with the state on chip) — unmeasured: no accelerator was available.
+# 0.6-1.0× with 0.7× the memory). GPU (H200, scan_nvidia_h200.md): ASSOCIATIVE for the linear
+# scan (0.9 ms at 8K against PALLAS 7.1 ms, same 0.33× memory); PALLAS for the selective scan
+# (4.8 ms at 8K, 0.06× REFERENCE's memory; ASSOCIATIVE is 2.0 ms but holds every state,
+# 0.66×, which long Mamba sequences cannot afford). TPU: PALLAS, unmeasured.
 _AUTO: dict[str, dict[str, ScanImpl]] = {
   "cpu": {"linear": ScanImpl.REFERENCE, "selective": ScanImpl.CHUNKED},
-  "gpu": {"linear": ScanImpl.PALLAS, "selective": ScanImpl.PALLAS},
+  "gpu": {"linear": ScanImpl.ASSOCIATIVE, "selective": ScanImpl.PALLAS},
   "tpu": {"linear": ScanImpl.PALLAS, "selective": ScanImpl.PALLAS},
 }
 

@@ -16,7 +16,7 @@ def _generate(model: LM, params, prompt, rng, *, max_new_tokens: int, temperatur
   batch, t = prompt.shape
   cache = model.init_cache(batch, t + max_new_tokens)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
-  logits, cache = model.apply({"params": params}, prompt, positions, cache, method=LM.decode)
+  logits, cache = model.apply({"params": params}, prompt, positions, cache, method="decode")
 
   def pick(logits, key):
     if temperature == 0.0:
@@ -26,7 +26,7 @@ def _generate(model: LM, params, prompt, rng, *, max_new_tokens: int, temperatur
   def body(carry, key):
     token, pos, cache = carry
     logits, cache = model.apply(
-      {"params": params}, token[:, None], pos[:, None], cache, method=LM.decode
+      {"params": params}, token[:, None], pos[:, None], cache, method="decode"
     )
     nxt = pick(logits[:, -1], key)
     return (nxt, pos + 1, cache), nxt

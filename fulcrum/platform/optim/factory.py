@@ -6,6 +6,9 @@ import jax
 import ml_collections
 import optax
 
+from fulcrum.platform.optim import _boxes, galore
+from fulcrum.platform.optim.quantized import adamw_8bit
+
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup to `learning_rate`, then cosine decay to `learning_rate * min_lr_ratio`."""
@@ -33,20 +36,52 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+OPTIMIZERS = ("adamw", "galore", "adam8bit", "galore8bit")
+
+
 def make_optimizer(
-  opt: ml_collections.ConfigDict, total_steps: int
+  opt: ml_collections.ConfigDict, total_steps: int, params=None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimizer a config names, and its learning-rate schedule (for logging)."""
+  """The optimizer a config names, and its learning-rate schedule (for logging).
+
+  `params` (optionally boxed with logical axis names, e.g. from `jax.eval_shape(model.init)`)
+  tells GaLore which parameters are attention/MLP matrices (`galore.matrices_from_axes`);
+  without names only plain 2-D parameters are projected.
+  """
   schedule = learning_rate_schedule(opt, total_steps)
-  if opt.name != "adamw":
-    raise ValueError(f"unknown optimizer.name {opt.name!r}")
-  core = optax.adamw(
-    schedule,
-    b1=opt.b1,
-    b2=opt.b2,
-    eps=opt.eps,
-    weight_decay=opt.weight_decay,
-    mask=decay_mask,
-  )
+  if opt.name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer.name {opt.name!r}; known: {', '.join(OPTIMIZERS)}")
+  adam = dict(b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  eight_bit = dict(block_size=opt.quant.block_size, min_8bit_size=opt.quant.min_size)
+  if opt.name == "adamw":
+    core = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask, **adam)
+  elif opt.name == "adam8bit":
+    core = adamw_8bit(
+      schedule, weight_decay=opt.weight_decay, decay_mask=decay_mask, **adam, **eight_bit
+    )
+  else:
+    g = opt.galore
+    matrices = (
+      galore.matrices_from_axes(params)
+      if params is not None and _has_boxes(params)
+      else galore.default_matrices
+    )
+    core = galore.galore_adamw(
+      schedule,
+      rank=g.rank,
+      update_proj_gap=g.update_proj_gap,
+      scale=g.scale,
+      weight_decay=opt.weight_decay,
+      side=g.side,
+      matrices=matrices,
+      decay_mask=decay_mask,
+      eight_bit=opt.name == "galore8bit",
+      **adam,
+      **eight_bit,
+    )
   chain = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm > 0 else []
   return optax.chain(*chain, core), schedule
+
+
+def _has_boxes(tree) -> bool:
+  return any(_boxes.is_box(x) for x in jax.tree.leaves(tree, is_leaf=_boxes.is_box))
