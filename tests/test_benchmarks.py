@@ -104,7 +104,13 @@ def test_optim_ratios_and_table():
   assert ratios["adam8bit_loss_ratio"] == pytest.approx(1.005)
   assert ratios["qat_loss_ratio"] == pytest.approx(1.05)
   config = dict(
-    d_model=64, num_layers=2, params_m=0.1, seq_len=32, batch_size=4, steps=2, galore_rank=16,
+    d_model=64,
+    num_layers=2,
+    params_m=0.1,
+    seq_len=32,
+    batch_size=4,
+    steps=2,
+    galore_rank=16,
     update_proj_gap=200,
   )
   md = bench_optim.markdown({"config": config, "optimizers": rows, "device": "test"})
