@@ -105,10 +105,7 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None) -> Experim
   """Model, optimizer, mesh and the abstract (sharded) train state for a validated config."""
   task = get_task(config)
   model = modules.build(config.model)
-  abstract_params = jax.eval_shape(
-    lambda r: model.init(r, *task.example_inputs())["params"], jax.random.PRNGKey(0)
-  )
-  tx, schedule = make_optimizer(config.optimizer, config.train.steps, abstract_params)
+  tx, schedule = make_optimizer(config.optimizer, config.train.steps)
   mesh = sharding.make_mesh(config.mesh, devices)
   boxed = jax.eval_shape(_state_init_fn(model, tx, task), jax.random.PRNGKey(0))
   state_sharding = sharding.logical_sharding(boxed, mesh)

@@ -40,13 +40,13 @@ OPTIMIZERS = ("adamw", "galore", "adam8bit", "galore8bit")
 
 
 def make_optimizer(
-  opt: ml_collections.ConfigDict, total_steps: int, params=None
+  opt: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer a config names, and its learning-rate schedule (for logging).
 
-  `params` (optionally boxed with logical axis names, e.g. from `jax.eval_shape(model.init)`)
-  tells GaLore which parameters are attention/MLP matrices (`galore.matrices_from_axes`);
-  without names only plain 2-D parameters are projected.
+  GaLore reads which parameters are attention/MLP matrices from the logical axis names of the
+  boxed parameters `init` receives (`galore.matrices_from_axes`); parameters without names fall
+  back to "every plain 2-D parameter".
   """
   schedule = learning_rate_schedule(opt, total_steps)
   if opt.name not in OPTIMIZERS:
@@ -61,11 +61,6 @@ def make_optimizer(
     )
   else:
     g = opt.galore
-    matrices = (
-      galore.matrices_from_axes(params)
-      if params is not None and _has_boxes(params)
-      else galore.default_matrices
-    )
     core = galore.galore_adamw(
       schedule,
       rank=g.rank,
@@ -73,7 +68,7 @@ def make_optimizer(
       scale=g.scale,
       weight_decay=opt.weight_decay,
       side=g.side,
-      matrices=matrices,
+      matrices=_matrices,
       decay_mask=decay_mask,
       eight_bit=opt.name == "galore8bit",
       **adam,
@@ -83,5 +78,8 @@ def make_optimizer(
   return optax.chain(*chain, core), schedule
 
 
-def _has_boxes(tree) -> bool:
-  return any(_boxes.is_box(x) for x in jax.tree.leaves(tree, is_leaf=_boxes.is_box))
+def _matrices(params):
+  """GaLore's matrices: by logical axis names when `params` are boxed, else the 2-D ones."""
+  if any(_boxes.is_box(x) for x in jax.tree.leaves(params, is_leaf=_boxes.is_box)):
+    return galore.matrices_from_axes(params)
+  return galore.default_matrices(params)
