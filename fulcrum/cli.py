@@ -3,7 +3,9 @@
   fulcrum recipes
   fulcrum train --recipe NAME --workdir DIR [--set key=value ...]
   fulcrum eval --workdir DIR [--json]
-  fulcrum decode --workdir DIR --prompt TEXT [--strategy greedy|sample] [--max-new-tokens N]
+  fulcrum decode --workdir DIR --prompt TEXT [--strategy greedy|sample|lookahead|speculative|
+                 cascade] [--draft-workdir DIR] [--max-new-tokens N] [--json]
+  fulcrum calibrate --workdir DIR [--method kvquant|int-token|int-channel] [--bits 2|3|4]
   fulcrum bench NAME [--json]
 
 User errors exit with status 2 and one line naming the problem and the fix.
@@ -90,45 +92,97 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_decode(args) -> int:
-  import time
-
   from fulcrum.platform.data import ByteTokenizer
-  from fulcrum.platform.decode import generate
+  from fulcrum.platform.decode import Sampling, generate
+  from fulcrum.platform.decode.kvquant import load_workdir_specs
   from fulcrum.platform.trainer import load_workdir
 
   if not args.prompt:
     raise UserError("--prompt is empty; pass the text to continue, e.g. --prompt 'def main('")
   if args.max_new_tokens < 1:
     raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-  exp, state, _ = load_workdir(args.workdir)
+  exp, state, step = load_workdir(args.workdir)
+  if exp.config.task != "lm":
+    raise UserError(f"{args.workdir} trains task {exp.config.task!r}; decode needs an LM")
+  d = exp.config.decode
+  strategy = args.strategy or d.strategy
+  pick = lambda value, default: default if value is None else value
+  try:
+    sampling = Sampling(
+      temperature=0.0
+      if strategy in ("greedy", "lookahead")
+      else pick(args.temperature, d.temperature),
+      top_k=pick(args.top_k, d.top_k),
+      top_p=pick(args.top_p, d.top_p),
+    )
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  draft = None
+  if strategy in ("speculative", "cascade"):
+    if not args.draft_workdir:
+      raise UserError(f"--strategy {strategy} needs --draft-workdir (e.g. a `lm_draft` run)")
+    draft_exp, draft_state, _ = load_workdir(args.draft_workdir)
+    draft = (draft_exp.model, draft_state.params)
+  kv_cache = args.kv_cache or d.kv_cache
+  kv_quant = None
+  if kv_cache != "none":
+    kv_quant = load_workdir_specs(args.workdir, exp.model, step, kv_cache, d.kv_bits)
   tok = ByteTokenizer()
   prompt = tok.encode(args.prompt)
-  temperature = 0.0 if args.strategy == "greedy" else args.temperature
-  start = time.perf_counter()
-  out = generate(
-    exp.model,
-    state.params,
-    prompt[None],
-    args.max_new_tokens,
-    temperature=temperature,
-    seed=args.seed,
-  )[0]
-  elapsed = time.perf_counter() - start
-  text = tok.decode(out)
-  if args.json:
-    print(
-      json.dumps(
-        {
-          "text": text,
-          "tokens": out.tolist(),
-          "target_calls": len(out),
-          "draft_calls": 0,
-          "tokens_per_s": len(out) / elapsed,
-        }
-      )
+  window = [int(x) for x in (args.lookahead or "").split(",") if x] or [
+    d.lookahead_window,
+    d.lookahead_ngram,
+    d.lookahead_candidates,
+  ]
+  try:
+    out = generate(
+      exp.model,
+      state.params,
+      [prompt],
+      args.max_new_tokens,
+      strategy=strategy,
+      sampling=sampling,
+      stop_tokens=tok.encode(args.stop) if args.stop else (),
+      seed=args.seed,
+      draft=draft,
+      gamma=pick(args.gamma, d.gamma),
+      lookahead=tuple(window),
+      rule=pick(args.rule, d.cascade_rule),
+      alpha=pick(args.alpha, d.cascade_alpha),
+      kv_quant=kv_quant,
+      max_len=d.max_len,
     )
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  tokens = out.rows()[0]
+  text = tok.decode(tokens)
+  if args.json:
+    summary = {
+      "text": text,
+      "tokens": tokens.tolist(),
+      "target_calls": out.target_calls,
+      "draft_calls": out.draft_calls,
+      "tokens_per_s": out.tokens_per_s,
+      "strategy": strategy,
+      "kv_cache": kv_cache,
+    }
+    print(json.dumps(summary))
   else:
     print(args.prompt + text)
+  return 0
+
+
+def _cmd_calibrate(args) -> int:
+  from fulcrum.platform.decode.kvquant import calibrate_workdir
+
+  r = calibrate_workdir(args.workdir, args.method, args.bits, args.batches)
+  ratio = r["bf16_bytes_per_token"] / r["bytes_per_token"]
+  print(
+    f"{r['method']} {r['bits']}-bit KV cache: {r['bytes_per_token']} bytes/token "
+    f"({ratio:.2f}x smaller than bfloat16); validation perplexity {r['perplexity']:.4f} "
+    f"(full precision {r['full_precision_perplexity']:.4f})"
+  )
+  print(f"saved: {r['path']}")
   return 0
 
 
@@ -173,12 +227,32 @@ def build_parser() -> argparse.ArgumentParser:
   d = sub.add_parser("decode", help="continue a prompt with a trained model")
   d.add_argument("--workdir", required=True)
   d.add_argument("--prompt", required=True)
-  d.add_argument("--strategy", choices=("greedy", "sample"), default="greedy")
+  d.add_argument(
+    "--strategy",
+    choices=("greedy", "sample", "lookahead", "speculative", "cascade"),
+    help="default: the workdir's decode.strategy (greedy)",
+  )
+  d.add_argument("--draft-workdir", help="draft model for speculative / cascade")
   d.add_argument("--max-new-tokens", type=int, default=128)
-  d.add_argument("--temperature", type=float, default=0.8)
+  d.add_argument("--temperature", type=float)
+  d.add_argument("--top-k", type=int)
+  d.add_argument("--top-p", type=float)
+  d.add_argument("--stop", help="end a row at any of these characters")
+  d.add_argument("--gamma", type=int, help="speculative: draft tokens per target call")
+  d.add_argument("--lookahead", metavar="W,N,G", help="lookahead window, n-gram, candidates")
+  d.add_argument("--rule", choices=("chow", "diff", "opt"), help="cascade deferral rule")
+  d.add_argument("--alpha", type=float, help="cascade deferral threshold")
+  d.add_argument("--kv-cache", choices=("none", "kvquant", "int-token", "int-channel"))
   d.add_argument("--seed", type=int, default=0)
   d.add_argument("--json", action="store_true")
   d.set_defaults(fn=_cmd_decode)
+
+  c = sub.add_parser("calibrate", help="fit KV-cache quantization (KVQuant) for a workdir")
+  c.add_argument("--workdir", required=True)
+  c.add_argument("--method", choices=("kvquant", "int-token", "int-channel"))
+  c.add_argument("--bits", type=int, choices=(2, 3, 4))
+  c.add_argument("--batches", type=int, help="calibration batches (default decode.*)")
+  c.set_defaults(fn=_cmd_calibrate)
 
   b = sub.add_parser("bench", help="run a benchmark from benchmarks/")
   b.add_argument("name")

@@ -17,8 +17,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
+from fulcrum.modules import kvquant
 from fulcrum.modules.config import ModelConfig
 from fulcrum.modules.layers import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, dense, rope
 
@@ -60,21 +62,142 @@ class AttentionImpl(enum.StrEnum):
 class KVCache(NamedTuple):
   """Keys and values of past tokens for one attention layer.
 
-  A full cache has one slot per position up to the context limit; a local-attention cache is a
-  ring buffer of `window` slots (slot = position mod window).
+  Token at position p lives in slot p mod s: a full cache has one slot per position up to the
+  context limit; a local-attention cache is a ring buffer of at least `window` slots. Rows of a
+  batch advance independently (their own positions), so speculative and lookahead decoding can
+  accept a different number of tokens per row and `truncate` back.
   """
 
   k: Float[Array, "b s k e"]  # Keys, RoPE applied.
   v: Float[Array, "b s k e"]
   positions: Int[Array, "b s"]  # Position held in each slot; -1 = empty.
-  end_index: Int[Array, ""]  # Tokens written so far; the next slot is end_index mod s.
+
+  FEATURE_NDIM = (3, 3, 1)  # Per-field dims after the batch axis (k: s k e, positions: s).
 
   @classmethod
   def init(
     cls, batch: int, size: int, num_kv_heads: int, head_dim: int, dtype: jnp.dtype = jnp.float32
   ) -> KVCache:
     z = jnp.zeros((batch, size, num_kv_heads, head_dim), dtype)
-    return cls(z, z, jnp.full((batch, size), -1, jnp.int32), jnp.zeros((), jnp.int32))
+    return cls(z, z, jnp.full((batch, size), -1, jnp.int32))
+
+  def truncate(self, lengths: Int[Array, " b"]) -> KVCache:
+    """Forgets every token at position >= lengths[row] (rejected speculative tokens)."""
+    return self._replace(positions=_truncated(self.positions, lengths))
+
+
+@struct.dataclass
+class QuantizedKVCache:
+  """A KV cache stored quantized (KVQuant, Hooper et al. 2024; `fulcrum.modules.kvquant`).
+
+  Keys are cached before RoPE when `spec.pre_rope` (rotated after dequantization, at the
+  positions held in the cache), values per token; the token at position 0 (the attention sink)
+  is kept in full precision beside them. Slots work as in `KVCache`. Attention reads keys and
+  values only through the quantizer, the chunk being decoded included, so decoding a sequence
+  in one chunk or token by token gives the same result.
+  """
+
+  k: kvquant.QuantizedVectors  # Leaves [b, s, ...].
+  v: kvquant.QuantizedVectors
+  positions: Int[Array, "b s"]  # Position held in each slot; -1 = empty.
+  sink_k: Float[Array, "b k e"]  # Keys and values of position 0, full precision.
+  sink_v: Float[Array, "b k e"]
+  spec: kvquant.KVQuantSpec  # This layer's codebooks and key thresholds.
+
+  @classmethod
+  def init(
+    cls, batch: int, size: int, num_kv_heads: int, head_dim: int, spec: kvquant.KVQuantSpec
+  ) -> QuantizedKVCache:
+    z = jnp.zeros((batch, num_kv_heads, head_dim), jnp.float32)
+    return cls(
+      k=kvquant.empty(batch, size, num_kv_heads, head_dim, spec, "key"),
+      v=kvquant.empty(batch, size, num_kv_heads, head_dim, spec, "value"),
+      positions=jnp.full((batch, size), -1, jnp.int32),
+      sink_k=z,
+      sink_v=z,
+      spec=spec,
+    )
+
+  def truncate(self, lengths: Int[Array, " b"]) -> QuantizedKVCache:
+    """Forgets every token at position >= lengths[row] (rejected speculative tokens)."""
+    return self.replace(positions=_truncated(self.positions, lengths))
+
+  def map_batched(self, fn) -> QuantizedKVCache:
+    """fn(array, batch_axis) over every array with a batch axis (not the spec)."""
+    per_token = lambda a: fn(a, a.ndim - 3)  # [.., b, s, x]
+    return self.replace(
+      k=jax.tree.map(per_token, self.k),
+      v=jax.tree.map(per_token, self.v),
+      positions=fn(self.positions, self.positions.ndim - 2),
+      sink_k=fn(self.sink_k, self.sink_k.ndim - 3),
+      sink_v=fn(self.sink_v, self.sink_v.ndim - 3),
+    )
+
+  @property
+  def shape(self) -> tuple[int, int]:  # (kv heads, head dim)
+    return self.sink_k.shape[-2:]
+
+  def read(self, k: Array, v: Array, positions: Array) -> tuple[Array, Array, Array, Array]:
+    """Quantizes a chunk's keys and values, writes them, and returns what attention sees.
+
+    Returns:
+      (keys, values, key positions) over the old slots followed by the chunk — keys still
+      pre-RoPE when `spec.pre_rope` — and the updated cache.
+    """
+    spec, shape = self.spec, self.shape
+    qk, qv = kvquant.quantize(k, spec, "key"), kvquant.quantize(v, spec, "value")
+    at_zero = positions == 0
+    has_zero = at_zero.any(1)[:, None, None]
+    first = jnp.argmax(at_zero, axis=1)
+    pick = lambda x: jnp.take_along_axis(x, first[:, None, None, None], 1)[:, 0].astype(jnp.float32)
+    sink_k = jnp.where(has_zero, pick(k), self.sink_k)
+    sink_v = jnp.where(has_zero, pick(v), self.sink_v)
+
+    def restore_sink(x, pos, sink):
+      return jnp.where((pos == 0)[..., None, None], sink[:, None], x)
+
+    keys = jnp.concatenate(
+      [kvquant.dequantize(self.k, spec, "key", shape), kvquant.dequantize(qk, spec, "key", shape)],
+      axis=1,
+    )
+    values = jnp.concatenate(
+      [
+        kvquant.dequantize(self.v, spec, "value", shape),
+        kvquant.dequantize(qv, spec, "value", shape),
+      ],
+      axis=1,
+    )
+    k_pos = jnp.concatenate([self.positions, positions], axis=1)
+    keys, values = restore_sink(keys, k_pos, sink_k), restore_sink(values, k_pos, sink_v)
+    slots = cache_slots(positions, self.positions.shape[1])
+    write = lambda old, new: jax.tree.map(lambda o, n: scatter_tokens(o, slots, n), old, new)
+    cache = self.replace(
+      k=write(self.k, qk),
+      v=write(self.v, qv),
+      positions=scatter_tokens(self.positions, slots, positions),
+      sink_k=sink_k,
+      sink_v=sink_v,
+    )
+    return keys, values, k_pos, cache
+
+
+def _truncated(positions: Array, lengths: Array) -> Array:
+  # positions may carry leading stacked-layer axes: [..., b, s].
+  return jnp.where(positions >= lengths[:, None], -1, positions)
+
+
+def cache_slots(positions: Int[Array, "b t"], size: int) -> Int[Array, "b t"]:
+  """Slot of each new token (position mod size); `size` (out of range: dropped) for padding
+  (position < 0) and for tokens a later token of the same chunk overwrites in a ring buffer."""
+  last = positions.max(axis=1, keepdims=True)
+  keep = (positions >= 0) & (positions > last - size)
+  return jnp.where(keep, positions % size, size)
+
+
+def scatter_tokens(buffer: Array, slots: Int[Array, "b t"], values: Array) -> Array:
+  """buffer[b, slots[b, t]] = values[b, t] (leading axes [b, s] / [b, t]); out-of-range dropped."""
+  rows = jnp.arange(buffer.shape[0])[:, None]
+  return buffer.at[rows, slots].set(values.astype(buffer.dtype), mode="drop")
 
 
 def attention_mask(q_pos: Int[Array, "b t"], k_pos: Int[Array, "b s"], window: int) -> Array:
@@ -199,13 +322,25 @@ class Attention(nn.Module):
     implicit_positions = positions is None
     if implicit_positions:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    q = partial_rope(q, positions, self.rope_theta, self.rope_fraction)
-    k = partial_rope(k, positions, self.rope_theta, self.rope_fraction)
-    q = nn.with_logical_constraint(q, (BATCH, LENGTH, HEADS, HEAD_DIM))
+    # Keys and values as a KV cache stores them (KVQuant calibrates on these and on the
+    # gradients of the loss with respect to them: `perturb` is a no-op unless asked for).
+    k, v = self.perturb("keys", k), self.perturb("values", v)
+    self.sow("intermediates", "keys", k)
+    self.sow("intermediates", "values", v)
+    rotate = lambda z, pos: partial_rope(z, pos, self.rope_theta, self.rope_fraction)
+    q = nn.with_logical_constraint(rotate(q, positions), (BATCH, LENGTH, HEADS, HEAD_DIM))
 
+    if isinstance(cache, QuantizedKVCache):
+      pre_rope = cache.spec.pre_rope
+      keys, values, k_pos, cache = cache.read(k if pre_rope else rotate(k, positions), v, positions)
+      if pre_rope:
+        keys = rotate(keys, jnp.maximum(k_pos, 0))
+      keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+    else:
+      k = rotate(k, positions)
     if cache is None:
       keys, values, k_pos = k, v, positions
-    else:
+    elif isinstance(cache, KVCache):
       # Attend over the old cache plus the new tokens before writing, so a chunk longer than
       # a ring buffer still sees every key inside its window.
       keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
@@ -246,13 +381,10 @@ class Attention(nn.Module):
 
 
 def _write(cache: KVCache, k: Array, v: Array, positions: Array) -> KVCache:
-  """Writes t new tokens at slots end_index .. end_index + t - 1 (mod the cache size)."""
-  size, t = cache.k.shape[1], k.shape[1]
-  keep = min(t, size)  # Only the last `size` tokens can survive in a ring buffer.
-  slots = (cache.end_index + t - keep + jnp.arange(keep)) % size
+  """Writes the new tokens into their slots (position mod the cache size)."""
+  slots = cache_slots(positions, cache.k.shape[1])
   return KVCache(
-    k=cache.k.at[:, slots].set(k[:, t - keep :].astype(cache.k.dtype)),
-    v=cache.v.at[:, slots].set(v[:, t - keep :].astype(cache.v.dtype)),
-    positions=cache.positions.at[:, slots].set(positions[:, t - keep :]),
-    end_index=cache.end_index + t,
+    k=scatter_tokens(cache.k, slots, k),
+    v=scatter_tokens(cache.v, slots, v),
+    positions=scatter_tokens(cache.positions, slots, positions),
   )

@@ -34,6 +34,9 @@ class ModelConfig:
   remat: bool = False
   dtype: str = "float32"
   attention_impl: str = "auto"
+  # Decoding: recurrent layers return their state after every token of a chunk (not only the
+  # last), so speculative and lookahead decoding can roll back to any accepted prefix.
+  cache_history: bool = False
   quant: str = "none"  # Quantized training of the weight matmuls: none | int8 | int8_weight | fp8.
   # Embedding and logits (Gemma/RecurrentGemma conventions; off by default).
   scale_embeddings: bool = False  # Multiply token embeddings by sqrt(d_model).

@@ -156,6 +156,7 @@ class RGLRU(nn.Module):
   num_heads: int
   c: float = 8.0
   scan_impl: str = "auto"
+  history: bool = False  # Return every state h_t (fp32) in place of the last one.
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -166,7 +167,8 @@ class RGLRU(nn.Module):
     positions: Int[Array, "b t"],
     h0: Float[Array, "b f"] | None = None,
   ) -> tuple[Float[Array, "b t f"], Float[Array, "b f"]]:
-    """Runs the recurrence from h0 (zeros if None); returns all h_t and the last state (fp32)."""
+    """Runs the recurrence from h0 (zeros if None); returns all h_t and the last state (fp32),
+    or with `history` all h_t twice (compute dtype, and fp32 [b, t, f] as the state)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     a_param = self.param(
       "a_param",
@@ -184,7 +186,7 @@ class RGLRU(nn.Module):
     self.sow("intermediates", "a", a)
     self.sow("intermediates", "input_scale", scale)
     h, h_last = scan.linear_scan(a, scale * x.astype(jnp.float32), h0, impl=self.scan_impl)
-    return h.astype(self.dtype), h_last
+    return h.astype(self.dtype), h if self.history else h_last
 
 
 class RecurrentCache(NamedTuple):
@@ -192,6 +194,8 @@ class RecurrentCache(NamedTuple):
 
   rg_lru: Float[Array, "b f"]  # RG-LRU state h (float32).
   conv: Float[Array, "b w-1 f"]  # The last w - 1 inputs of the conv (compute dtype).
+
+  FEATURE_NDIM = (1, 2)  # Per-field dims after the batch axis (see MambaCache).
 
   @classmethod
   def init(
@@ -219,6 +223,7 @@ class RecurrentBlock(nn.Module):
   num_heads: int
   conv_width: int = 4
   scan_impl: str = "auto"
+  history: bool = False  # Return the cache after every token ([b, t, ...]), for speculation.
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -241,13 +246,20 @@ class RecurrentBlock(nn.Module):
       self.conv_width,
       MLP,
       kernel_init=nn.initializers.variance_scaling(0.01, "fan_in", "normal"),
+      history=self.history and cache is not None,
       name="conv_1d",
       **kw,
     )
     xs, conv_state = conv(xs, None if cache is None else cache.conv, positions)
-    xs, h_last = RGLRU(f, self.num_heads, scan_impl=self.scan_impl, name="rg_lru", **kw)(
-      xs, positions, None if cache is None else cache.rg_lru
+    rg_lru = RGLRU(
+      f,
+      self.num_heads,
+      scan_impl=self.scan_impl,
+      history=self.history and cache is not None,
+      name="rg_lru",
+      **kw,
     )
+    xs, h_last = rg_lru(xs, positions, None if cache is None else cache.rg_lru)
     h = nn.with_logical_constraint(xs * y, (BATCH, LENGTH, MLP))
     out = dense(f, d, (MLP, EMBED), "linear_out", use_bias=True, **kw)(h)
     if cache is None:
@@ -288,6 +300,7 @@ class ResidualBlock(nn.Module):
         c.num_heads,
         conv_width=c.conv_width,
         scan_impl=c.scan_impl,
+        history=c.cache_history,
         name="recurrent_block",
         **kw,
       )(h, positions, cache)
@@ -301,12 +314,13 @@ class ResidualBlock(nn.Module):
     )(h)
     return nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED)), cache
 
-  def init_cache(self, batch: int, max_len: int) -> RecurrentCache | KVCache:
-    """Empty cache: RG-LRU + conv state, or a KV cache (a ring buffer of `window` slots)."""
+  def init_cache(self, batch: int, max_len: int, extra: int = 0) -> RecurrentCache | KVCache:
+    """Empty cache: RG-LRU + conv state, or a KV cache (a ring buffer of `window` + `extra`
+    slots)."""
     c = self.config
     if self.temporal == RECURRENT:
       return RecurrentCache.init(batch, c.rg_lru_width, c.conv_width, c.compute_dtype)
-    size = min(max_len, c.window) if c.window else max_len
+    size = min(max_len, c.window + extra) if c.window else max_len
     return KVCache.init(batch, size, c.num_kv_heads or 1, c.per_head_dim, c.compute_dtype)
 
 

@@ -204,6 +204,7 @@ class CausalConv1D(nn.Module):
     1 / 3, "fan_in", "uniform"
   )
   bias_init: nn.initializers.Initializer = nn.initializers.zeros
+  history: bool = False  # Return the state after every token, [b, t, w-1, f] (speculation).
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -217,7 +218,8 @@ class CausalConv1D(nn.Module):
     """Convolves x after the inputs held in `state` (zeros: sequence start).
 
     Returns:
-      The outputs y [b, t, f] and the new state: the last w - 1 inputs, in this layer's dtype.
+      The outputs y [b, t, f] and the new state: the last w - 1 inputs, in this layer's dtype
+      ([b, t, w-1, f], the state after each token, with `history`).
     """
     w, f = self.kernel_size, self.features
     kernel = self.param(
@@ -248,8 +250,14 @@ class CausalConv1D(nn.Module):
         same = segment[:, w - 1 - j : w - 1 - j + t] == segment[:, w - 1 :]
         window = jnp.where(same[..., None], window, 0)
       y = y + window * kernel[w - 1 - j].astype(self.dtype)
-    new_state = xs[:, t:]
+    # The state after token i holds inputs i+1 .. i+w-1 of xs; without history only the last.
+    ends = jnp.arange(t) if self.history else jnp.array([t - 1])
+    idx = ends[:, None] + 1 + jnp.arange(w - 1)  # [n, w-1]
+    new_state = xs[:, idx]  # [b, n, w-1, f]
     if segment is not None:
-      # Inputs before the last document start can never be seen again: store zeros.
-      new_state = jnp.where((segment[:, t:] == segment[:, -1:])[..., None], new_state, 0)
+      # Inputs before the latest document start can never be seen again: store zeros.
+      same = segment[:, idx] == segment[:, w - 1 + ends][:, :, None]
+      new_state = jnp.where(same[..., None], new_state, 0)
+    if not self.history:
+      new_state = new_state[:, 0]
     return nn.with_logical_constraint(y, (BATCH, LENGTH, self.channel_axis)), new_state

@@ -99,7 +99,7 @@ class LM(nn.Module):
     if c.scan_layers:
       self.blocks = nn.scan(
         _ScanStep,
-        variable_axes={"params": 0, "intermediates": 0},
+        variable_axes={"params": 0, "intermediates": 0, "perturbations": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, 0),
         length=c.num_layers // len(pattern),
@@ -140,11 +140,15 @@ class LM(nn.Module):
     """Runs t new tokens at `positions` through the cache; returns their logits and the cache."""
     return self._run(tokens, positions, cache)
 
-  def init_cache(self, batch: int, max_len: int) -> Any:
-    """An empty cache for `batch` sequences of up to `max_len` tokens (a pytree of arrays)."""
+  def init_cache(self, batch: int, max_len: int, extra: int = 0) -> Any:
+    """An empty cache for `batch` sequences of up to `max_len` tokens (a pytree of arrays).
+
+    `extra`: slots a local-attention ring buffer keeps beyond its window, so a verified chunk
+    of up to `extra` tokens can be rolled back (speculative and lookahead decoding).
+    """
     c = self.config
     pattern = block_pattern(c.arch)
-    caches = [block(c, parent=None).init_cache(batch, max_len) for block in pattern]
+    caches = [block(c, parent=None).init_cache(batch, max_len, extra) for block in pattern]
     if c.scan_layers:
       groups = c.num_layers // len(pattern)
       stacked = [jax.tree.map(lambda a: jnp.broadcast_to(a, (groups, *a.shape)), x) for x in caches]

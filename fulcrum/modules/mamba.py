@@ -36,10 +36,16 @@ from fulcrum.modules.layers import BATCH, EMBED, LENGTH, MLP, CausalConv1D, RMSN
 
 
 class MambaCache(NamedTuple):
-  """The recurrent state of one Mamba layer; constant size whatever the sequence length."""
+  """The recurrent state of one Mamba layer; constant size whatever the sequence length.
+
+  With `ModelConfig.cache_history` a decode step returns the state after every token of its
+  chunk (an extra axis after the batch, [b, t, ...]); `select` picks one per row.
+  """
 
   conv: Float[Array, "b w-1 f"]  # The last w - 1 inputs of the causal conv (compute dtype).
   ssm: Float[Array, "b f n"]  # SSM state h (float32).
+
+  FEATURE_NDIM = (2, 2)  # Per-field dims after the batch axis (conv: w-1 f, ssm: f n).
 
   @classmethod
   def init(
@@ -89,6 +95,33 @@ def _symmetric_uniform(limit: float) -> nn.initializers.Initializer:
   return init
 
 
+def selective_scan_states(
+  x: Float[Array, "b t f"],
+  dt: Float[Array, "b t f"],
+  A: Float[Array, "f n"],
+  B: Float[Array, "b t n"],
+  C: Float[Array, "b t n"],
+  D: Float[Array, " f"],
+  h0: Float[Array, "b f n"],
+) -> tuple[Float[Array, "b t f"], Float[Array, "b t f n"]]:
+  """The selective scan (Eq. 2 with ZOH A, Euler B) returning the state after every step.
+
+  For the short chunks that speculative decoding verifies: [b, t, f, n] states are kept, which
+  the fused implementations avoid. Equals `scan.selective_scan` (its outputs and last state).
+  """
+  b, t, f = x.shape
+  n = A.shape[-1]
+  dt32 = dt.astype(jnp.float32)
+  decay = jnp.exp(dt32[..., None] * A)  # [b, t, f, n]
+  inputs = (dt32 * x.astype(jnp.float32))[..., None] * B.astype(jnp.float32)[:, :, None, :]
+  states, _ = scan.linear_scan(
+    decay.reshape(b, t, f * n), inputs.reshape(b, t, f * n), h0.reshape(b, f * n), impl="reference"
+  )
+  states = states.reshape(b, t, f, n)
+  y = jnp.einsum("btfn,btn->btf", states, C.astype(jnp.float32)) + D * x.astype(jnp.float32)
+  return y, states
+
+
 class MambaMixer(nn.Module):
   """The Mamba mixer (selective SSM with its gate and projections), see the module docstring.
 
@@ -109,6 +142,7 @@ class MambaMixer(nn.Module):
   dt_rank: int = 0  # 0 = ceil(d_model / 16).
   selective: bool = True
   scan_impl: str = "auto"
+  history: bool = False  # Return the cache after every token ([b, t, ...]), for speculation.
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -118,9 +152,16 @@ class MambaMixer(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: Float[Array, "b t d"], cache: MambaCache | None = None
+    self,
+    x: Float[Array, "b t d"],
+    cache: MambaCache | None = None,
+    positions: Int[Array, "b t"] | None = None,
   ) -> tuple[Float[Array, "b t d"], MambaCache | None]:
-    """Mixes x over time, continuing from `cache` if given (returns the updated cache)."""
+    """Mixes x over time, continuing from `cache` if given (returns the updated cache).
+
+    With a cache, tokens at positions < 0 (left padding of a batch of prompts) leave the state
+    untouched: their conv input and dt are zeroed, so exp(dt A) = 1 and dt B x = 0.
+    """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d, f, n = self.d_model, self.features, self.state_size
     r = self.dt_rank or math.ceil(d / 16)
@@ -128,9 +169,13 @@ class MambaMixer(nn.Module):
 
     xz = dense(d, (2, f), (EMBED, None, MLP), "in_proj", **kw)(x)
     xs, z = xz[..., 0, :], xz[..., 1, :]
-    xs, conv_state = CausalConv1D(f, self.conv_width, MLP, name="conv1d", **kw)(
-      xs, None if cache is None else cache.conv
-    )
+    pad = None
+    if cache is not None and positions is not None:
+      pad = (positions < 0)[..., None]
+      xs = jnp.where(pad, 0, xs)
+    history = self.history and cache is not None
+    conv = CausalConv1D(f, self.conv_width, MLP, history=history, name="conv1d", **kw)
+    xs, conv_state = conv(xs, None if cache is None else cache.conv)
     xs = nn.with_logical_constraint(nn.silu(xs), (BATCH, LENGTH, MLP))
 
     if self.selective:
@@ -177,12 +222,16 @@ class MambaMixer(nn.Module):
       "D", nn.with_logical_partitioning(nn.initializers.ones, (MLP,)), (f,), jnp.float32
     )
     A = -jnp.exp(A_log)
+    if pad is not None:
+      dt = jnp.where(pad, 0.0, dt)
 
     for name, value in (("x", xs), ("dt", dt), ("B", B), ("C", C)):
       self.sow("intermediates", name, value)
-    y, h_last = scan.selective_scan(
-      xs, dt, A, B, C, D, None if cache is None else cache.ssm, impl=self.scan_impl
-    )
+    h0 = None if cache is None else cache.ssm
+    if history:
+      y, h_last = selective_scan_states(xs, dt, A, B, C, D, h0)
+    else:
+      y, h_last = scan.selective_scan(xs, dt, A, B, C, D, h0, impl=self.scan_impl)
     gate = nn.silu(z)
     self.sow("intermediates", "gate", gate)
     y = nn.with_logical_constraint(y.astype(self.dtype) * gate, (BATCH, LENGTH, MLP))
@@ -194,8 +243,8 @@ class MambaMixer(nn.Module):
 class MambaBlock(nn.Module):
   """Pre-norm residual Mamba block: x + mixer(RMSNorm(x)) (the layer of Mamba's LM, Fig. 3).
 
-  `positions` is accepted for the shared block interface and unused: Mamba's state runs on
-  across document boundaries, as in the official model.
+  Mamba's state runs on across document boundaries, as in the official model; `positions`
+  only marks left padding (< 0) when decoding a batch of prompts of different lengths.
   """
 
   config: ModelConfig
@@ -207,7 +256,6 @@ class MambaBlock(nn.Module):
     positions: Int[Array, "b t"] | None = None,
     cache: MambaCache | None = None,
   ) -> tuple[Float[Array, "b t d"], MambaCache | None]:
-    del positions
     c = self.config
     kw = dict(dtype=c.compute_dtype, param_dtype=jnp.float32)
     h = RMSNorm(c.norm_eps, name="norm", **kw)(x)
@@ -219,14 +267,15 @@ class MambaBlock(nn.Module):
       dt_rank=c.ssm_dt_rank,
       selective=c.selective,
       scan_impl=c.scan_impl,
+      history=c.cache_history,
       name="mixer",
       **kw,
-    )(h, cache)
+    )(h, cache, positions)
     return nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED)), cache
 
-  def init_cache(self, batch: int, max_len: int) -> MambaCache:
+  def init_cache(self, batch: int, max_len: int, extra: int = 0) -> MambaCache:
     """An empty cache; its size does not depend on `max_len`."""
-    del max_len
+    del max_len, extra
     c = self.config
     return MambaCache.init(
       batch, c.ssm_expand * c.d_model, c.ssm_state, c.conv_width, c.compute_dtype

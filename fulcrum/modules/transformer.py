@@ -35,7 +35,7 @@ class TransformerBlock(nn.Module):
     h = GatedMLP(c.d_model, c.hidden_dim, "silu", name="mlp", **kw)(h)
     return nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED)), cache
 
-  def init_cache(self, batch: int, max_len: int) -> KVCache:
+  def init_cache(self, batch: int, max_len: int, extra: int = 0) -> KVCache:
     c = self.config
-    size = min(max_len, c.window) if c.window else max_len
+    size = min(max_len, c.window + extra) if c.window else max_len
     return KVCache.init(batch, size, c.kv_heads, c.per_head_dim, c.compute_dtype)

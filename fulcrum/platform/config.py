@@ -100,6 +100,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""  # Where TFDS data is prepared; "" = $FULCRUM_DATA_DIR or ~/.cache.
   c.data.num_workers = 0  # grain worker processes (0 = in the main process).
 
+  c.decode = ml_collections.ConfigDict()  # Defaults of `fulcrum decode` / `fulcrum calibrate`.
+  c.decode.strategy = "greedy"  # greedy | sample | lookahead | speculative | cascade.
+  c.decode.temperature = 0.8  # Sampling temperature (strategies other than greedy/lookahead).
+  c.decode.top_k = 0  # Sample from the k most likely tokens only; 0 = all.
+  c.decode.top_p = 1.0  # Nucleus sampling mass; 1 = off.
+  c.decode.gamma = 4  # Speculative / cascade: draft tokens per target call.
+  c.decode.lookahead_window = 7  # Lookahead W: Jacobi window (tokens guessed ahead).
+  c.decode.lookahead_ngram = 5  # Lookahead N: n-gram size (verified continuations are N - 1).
+  c.decode.lookahead_candidates = 7  # Lookahead G: pool n-grams verified per step.
+  c.decode.cascade_rule = "opt"  # Speculative Cascades deferral rule: chow | diff | opt.
+  c.decode.cascade_alpha = 0.1  # Its threshold α.
+  c.decode.kv_cache = "none"  # none | kvquant | int-token | int-channel (`fulcrum calibrate`).
+  c.decode.kv_bits = 3  # Bits per cached key/value entry (2, 3 or 4).
+  c.decode.kv_outlier_fraction = 0.01  # KVQuant dense-and-sparse outliers per vector.
+  c.decode.calibration_batches = 16  # Training batches `fulcrum calibrate` fits on.
+  c.decode.max_len = 4096  # Context limit: prompt + new tokens that decode accepts.
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Data-parallel axis size; -1 = every device not used by fsdp/tensor.
   c.mesh.fsdp = 1  # Fully-sharded data-parallel axis size.
@@ -194,6 +211,40 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
       node[leaf] = _parse(text, node[leaf], key)
 
 
+DECODE_STRATEGIES = ("greedy", "sample", "lookahead", "speculative", "cascade")
+KV_CACHES = ("none", "kvquant", "int-token", "int-channel")
+CASCADE_RULES = ("chow", "diff", "opt")
+
+
+def validate_decode(d: ml_collections.ConfigDict) -> None:
+  """Checks the `decode.*` section; raises `UserError` naming the fix."""
+  checks = [
+    (d.strategy in DECODE_STRATEGIES, f"decode.strategy={d.strategy!r} is unknown; choose one "
+     f"of {', '.join(DECODE_STRATEGIES)}"),
+    (d.kv_cache in KV_CACHES, f"decode.kv_cache={d.kv_cache!r} is unknown; choose one of "
+     f"{', '.join(KV_CACHES)}"),
+    (d.cascade_rule in CASCADE_RULES, f"decode.cascade_rule={d.cascade_rule!r} is unknown; "
+     f"choose one of {', '.join(CASCADE_RULES)}"),
+    (d.kv_bits in (2, 3, 4), f"decode.kv_bits must be 2, 3 or 4, got {d.kv_bits}"),
+    (0 <= d.kv_outlier_fraction < 0.5, "decode.kv_outlier_fraction must be in [0, 0.5), got "
+     f"{d.kv_outlier_fraction}"),
+    (d.temperature >= 0, f"decode.temperature must be >= 0, got {d.temperature}"),
+    (d.top_k >= 0, f"decode.top_k must be >= 0 (0 = off), got {d.top_k}"),
+    (0 < d.top_p <= 1, f"decode.top_p must be in (0, 1], got {d.top_p}"),
+    (d.gamma >= 1, f"decode.gamma must be >= 1, got {d.gamma}"),
+    (d.lookahead_window >= 1, f"decode.lookahead_window must be >= 1, got {d.lookahead_window}"),
+    (d.lookahead_ngram >= 2, f"decode.lookahead_ngram must be >= 2, got {d.lookahead_ngram}"),
+    (d.lookahead_candidates >= 0, "decode.lookahead_candidates must be >= 0, got "
+     f"{d.lookahead_candidates}"),
+    (d.max_len >= 2, f"decode.max_len must be >= 2, got {d.max_len}"),
+    (d.calibration_batches >= 1, "decode.calibration_batches must be >= 1, got "
+     f"{d.calibration_batches}"),
+  ]  # fmt: skip
+  for ok, msg in checks:
+    if not ok:
+      raise UserError(msg)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that a type alone cannot; raises `UserError` naming the fix."""
   t, m, o = config.train, config.model, config.optimizer
@@ -220,6 +271,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     f"train.batch_size={t.batch_size} must divide by train.grad_accum_steps={t.grad_accum_steps}",
   )
   need(m.arch in ARCHS, f"model.arch={m.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+  validate_decode(config.decode)
   need(m.dtype in DTYPES, f"model.dtype={m.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
   for key in ("d_model", "num_layers", "num_heads", "vocab_size"):
     need(m[key] > 0, f"model.{key} must be positive, got {m[key]}")

@@ -1,0 +1,157 @@
+"""Speculative decoding and Speculative Cascades, batched, for any draft/target architectures.
+
+Each round the draft proposes γ tokens, one call each; the target scores the pending token and
+all γ drafts in one call. Draft token d_j is accepted with probability min(1, π(d_j)/q(d_j));
+at the first rejection a token is drawn from norm(max(0, π − q)), and if all γ are accepted a
+bonus token from π. The result is distributed as π (Leviathan et al. 2023, Thm. 1; Chen et al.
+2023). Plain speculative decoding uses π = p, the target. Speculative Cascades (Narasimhan et al.,
+ICLR 2025, Sec. 4) use π = (1 − δ)·q + δ·p with a per-token deferral decision δ(q, p):
+
+  chow  δ = 1[max q < 1 − α]                   defer when the drafter is unsure
+  diff  δ = 1[max q < max p − α]               defer when the target is surer by α
+  opt   δ = 1[max q < max p − α·TV(p, q)]      the plug-in optimal rule (TV: total variation)
+
+δ ≡ 1 recovers speculative sampling (lossless), δ ≡ 0 the drafter alone. The rules read the
+models' plain softmax (temperature 1) so they also apply to greedy decoding, where π is a mix
+of the two argmax one-hots.
+
+Rows accept different numbers of tokens: caches hold per-row positions, the target verifies
+with `cache_history` and keeps the state after its last accepted token, and the draft stacks
+its recurrent states over the round's steps to roll back to the same point.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from fulcrum.platform.decode import cache as cache_lib
+from fulcrum.platform.decode.generate import emit, empty_output, prefill, with_history
+from fulcrum.platform.decode.sampling import draw, probabilities
+
+
+def deferral(
+  rule: str, q: Float[Array, "... v"], p: Float[Array, "... v"], alpha: Array
+) -> Float[Array, "..."]:
+  """δ(q, p) ∈ {0, 1} of a cascade rule (1 = defer to the target); "target" is δ ≡ 1,
+  "draft" δ ≡ 0."""
+  if rule == "target":
+    return jnp.ones(q.shape[:-1], jnp.float32)
+  if rule == "draft":
+    return jnp.zeros(q.shape[:-1], jnp.float32)
+  max_q, max_p = q.max(-1), p.max(-1)
+  if rule == "chow":
+    defer = max_q < 1 - alpha
+  elif rule == "diff":
+    defer = max_q < max_p - alpha
+  elif rule == "opt":
+    defer = max_q < max_p - alpha * 0.5 * jnp.abs(p - q).sum(-1)
+  else:
+    raise ValueError(f"unknown deferral rule {rule!r}")
+  return defer.astype(jnp.float32)
+
+
+def mixture(rule, q_logits, p_logits, q, p, alpha):
+  """π = (1 − δ)·q + δ·p, δ from the raw softmaxes of the two models' logits."""
+  delta = deferral(rule, jax.nn.softmax(q_logits, -1), jax.nn.softmax(p_logits, -1), alpha)
+  return (1 - delta)[..., None] * q + delta[..., None] * p
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "model", "draft_model", "max_new_tokens", "stop_tokens", "sampling", "gamma", "rule"
+  ),
+)  # fmt: skip
+def speculative_decode(
+  *,
+  model,
+  params,
+  tokens,
+  positions,
+  key,
+  kv_quant,
+  draft_model,
+  draft_params,
+  alpha,
+  max_new_tokens,
+  stop_tokens,
+  sampling,
+  gamma,
+  rule,
+):
+  """The speculative / cascade loop; see `generate` for the arguments."""
+  batch, t = tokens.shape
+  chunk = gamma + 1
+  max_len = t + max_new_tokens + chunk
+  p_last, cache_t = prefill(model, params, tokens, positions, max_len, chunk, kv_quant)
+  q_last, cache_d = prefill(draft_model, draft_params, tokens, positions, max_len, chunk)
+  verifier = with_history(model)
+  pi = mixture(
+    rule, q_last, p_last, probabilities(q_last, sampling), probabilities(p_last, sampling), alpha
+  )
+  first = draw(jax.random.fold_in(key, 0), pi)
+  ones = jnp.ones((batch,), jnp.int32)
+  out = emit(empty_output(batch, max_new_tokens), first[:, None], ones, stop_tokens)
+  rows = jnp.arange(batch)
+
+  def draft_step(carry, j):
+    cache, token, pos, k = carry
+    logits, cache = draft_model.apply(
+      {"params": draft_params}, token[:, None], (pos + j)[:, None], cache, method="decode"
+    )
+    logits = logits[:, -1]
+    q = probabilities(logits, sampling)
+    nxt = draw(jax.random.fold_in(k, j), q)
+    return (cache, nxt, pos, k), (nxt, q, logits, cache_lib.recurrent_part(cache))
+
+  def body(state):
+    cache_t, cache_d, pending, pos, out, calls, rnd = state
+    k_draft, k_accept, k_fix = jax.random.split(jax.random.fold_in(key, rnd), 3)
+    # γ + 1 draft steps: the last one's state is where the draft must be if all γ are accepted,
+    # and its distribution is the cascade's q for the bonus position.
+    (cache_d, _, _, _), (drafts, qs, q_logits, saved) = jax.lax.scan(
+      draft_step, (cache_d, pending, pos, k_draft), jnp.arange(chunk)
+    )
+    drafts, qs, q_logits = drafts.T, qs.swapaxes(0, 1), q_logits.swapaxes(0, 1)
+    chunk_tokens = jnp.concatenate([pending[:, None], drafts[:, :gamma]], axis=1)
+    chunk_pos = pos[:, None] + jnp.arange(chunk)
+    p_logits, history = verifier.apply(
+      {"params": params}, chunk_tokens, chunk_pos, cache_t, method="decode"
+    )
+    pis = mixture(rule, q_logits, p_logits, qs, probabilities(p_logits, sampling), alpha)
+
+    proposed = drafts[:, :gamma]
+    q_d = jnp.take_along_axis(qs[:, :gamma], proposed[..., None], -1)[..., 0]
+    pi_d = jnp.take_along_axis(pis[:, :gamma], proposed[..., None], -1)[..., 0]
+    u = jax.random.uniform(k_accept, (batch, gamma))
+    accepted = u * q_d < pi_d  # u < π(d)/q(d); q(d) > 0 as d was drawn from q.
+    n = jnp.cumprod(accepted, axis=1).sum(1).astype(jnp.int32)
+
+    pi_n, q_n = pis[rows, n], qs[rows, n]
+    residual = jnp.maximum(pi_n - q_n, 0.0)
+    mass = residual.sum(-1, keepdims=True)
+    # All accepted: the bonus comes from π. Rejected: from the residual (π where π = q, which
+    # only floating point can reach, as then nothing is rejected).
+    use_pi = (n == gamma)[:, None] | (mass <= 0)
+    fix_dist = jnp.where(use_pi, pi_n, residual / jnp.maximum(mass, 1e-30))
+    fix = draw(k_fix, fix_dist)
+    new = jnp.where(jnp.arange(chunk) == n[:, None], fix[:, None], drafts)
+    out = emit(out, new, n + 1, stop_tokens)
+
+    length = pos + n + 1
+    cache_t = cache_lib.commit(history, n, length)
+    cache_d = cache_lib.restore(cache_d, saved, n, length)
+    return cache_t, cache_d, fix, length, out, calls + 1, rnd + 1
+
+  def cond(state):
+    return ~state[4].done.all()
+
+  pos = positions[:, -1] + 1
+  state = (cache_t, cache_d, first, pos, out, jnp.ones((), jnp.int32), jnp.ones((), jnp.int32))
+  state = jax.lax.while_loop(cond, body, state)
+  out, calls = state[4], state[5]
+  return out, calls, (calls - 1) * chunk + 1
