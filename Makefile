@@ -7,9 +7,9 @@ RECIPE ?= lm_transformer
 WORKDIR ?= runs/$(RECIPE)
 ARGS ?=
 PROMPT ?= def __init__(self
-BENCH ?= train scan scaling decode_latency optim  # make bench BENCH=scan: just one
+BENCH ?= train scan scaling decode_latency optim decode  # make bench BENCH=scan: just one
 
-.PHONY: setup demo test train eval decode bench notebooks lint format clean
+.PHONY: setup demo test train eval decode calibrate speculative kvquant bench notebooks lint format clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,23 @@ eval: setup
 
 decode: setup
 	$(BIN)/fulcrum decode --workdir $(WORKDIR) --prompt '$(PROMPT)' $(ARGS)
+
+calibrate: setup
+	$(BIN)/fulcrum calibrate --workdir $(WORKDIR) $(ARGS)
+
+# The demo LM with its 10x smaller draft: greedy, lookahead, speculative and cascade decoding.
+speculative: setup
+	$(BIN)/fulcrum train --recipe demo --workdir runs/demo
+	$(BIN)/fulcrum train --recipe lm_draft --workdir runs/lm_draft
+	for s in greedy lookahead speculative cascade; do \
+	  $(BIN)/fulcrum decode --workdir runs/demo --draft-workdir runs/lm_draft --strategy $$s \
+	    --prompt '$(PROMPT)' --json || exit $$?; done
+
+# The demo LM decoding from a 3-bit KVQuant cache.
+kvquant: setup
+	$(BIN)/fulcrum train --recipe decode_kvquant --workdir runs/decode_kvquant
+	$(BIN)/fulcrum calibrate --workdir runs/decode_kvquant
+	$(BIN)/fulcrum decode --workdir runs/decode_kvquant --prompt '$(PROMPT)'
 
 bench: setup
 	for b in $(BENCH); do $(BIN)/fulcrum bench $$b --json || exit $$?; done

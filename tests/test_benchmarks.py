@@ -117,3 +117,55 @@ def test_optim_ratios_and_table():
   for name in bench_optim.OPTIMIZERS:
     assert f"| {name} |" in md
   assert "| galore | 0.001 | 0.00 | 0.35 |" in md
+
+
+def test_decode_summary_goals_and_table():
+  """`bench decode`'s headline keys are ratios of the measured rows, and the goals read them."""
+  from benchmarks import bench_decode
+
+  def strategy(tokens_per_s, per_call, draft=0.0, equal=None):
+    r = {
+      "tokens_per_s": tokens_per_s,
+      "target_calls_per_token": 1 / per_call,
+      "tokens_per_target_call": per_call,
+      "draft_calls_per_token": draft,
+      "target_loglik": -1.0,
+      "tokens": 100,
+    }
+    if equal is not None:
+      r["equals_greedy"] = equal
+    return r
+
+  decoding = {
+    "greedy": strategy(100.0, 1.0),
+    "lookahead": strategy(140.0, 2.5, equal=True),
+    "speculative": strategy(160.0, 3.0, 1.5, equal=True),
+    "cascade": strategy(170.0, 3.5, 1.2),
+  }
+  kv_row = lambda size, ppl: {"bytes_per_token": size, "compression_vs_bf16": 1024 / size,
+                              "perplexity": ppl, "ppl_ratio": ppl / 10.0}  # fmt: skip
+  kv = {
+    "full precision": kv_row(1024, 10.0),
+    "int3 (per token)": kv_row(200, 10.6),
+    "kvquant3": kv_row(220, 10.1),
+  }
+  summary = bench_decode.analyse(decoding, kv, {"target": 1000, "draft": 100})
+  assert summary["lookahead_speedup"] == pytest.approx(1.4)
+  assert summary["lookahead_tokens_per_step"] == pytest.approx(2.5)
+  assert summary["speculative_speedup"] == pytest.approx(1.6)
+  assert summary["kvquant3_compression"] == pytest.approx(1024 / 220)
+  assert summary["kvquant3_ppl_ratio"] == pytest.approx(1.01)
+  assert summary["int3_ppl_ratio"] == pytest.approx(1.06)
+  met = bench_decode.goals(summary)
+  assert met["lookahead_speedup"] and met["speculative_speedup"] and met["kvquant3_beats_int3"]
+  summary["kvquant3_ppl_ratio"] = 1.07
+  met = bench_decode.goals(summary)
+  assert not met["kvquant3_ppl_ratio"] and not met["kvquant3_beats_int3"]
+  target = {"params_m": 1.0, "decoding": decoding, "kv_cache": kv, "draft_size_ratio": 10.0,
+            "goals": met}  # fmt: skip
+  config = dict(draft_params_m=0.1, prompts=2, prompt_len=8, new_tokens=8, lookahead="4,4,1",
+                gamma=4, cascade="opt, α = 0.1")  # fmt: skip
+  md = bench_decode.markdown({"config": config, "device": "test", "targets": {"t": target}})
+  assert "| lookahead | 140.0 | 1.40 | 2.50 | 0.00 | -1.000 | yes |" in md
+  assert "| kvquant3 | 220 | 4.65x | 10.1000 | 1.0100 |" in md
+  assert "kvquant3_ppl_ratio **not met**" in md

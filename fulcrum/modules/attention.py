@@ -322,9 +322,13 @@ class Attention(nn.Module):
     implicit_positions = positions is None
     if implicit_positions:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    # Keys and values as a KV cache stores them (KVQuant calibrates on these and on the
-    # gradients of the loss with respect to them: `perturb` is a no-op unless asked for).
-    k, v = self.perturb("keys", k), self.perturb("values", v)
+    # Keys and values as a KV cache stores them. KVQuant calibrates on these and on the loss
+    # gradients with respect to them: an `apply` with a mutable "perturbations" collection adds
+    # zeros to differentiate (never at init, so `init`'s variables stay params-only to apply).
+    if not self.is_initializing() and (
+      self.is_mutable_collection("perturbations") or self.has_variable("perturbations", "keys")
+    ):
+      k, v = self.perturb("keys", k), self.perturb("values", v)
     self.sow("intermediates", "keys", k)
     self.sow("intermediates", "values", v)
     rotate = lambda z, pos: partial_rope(z, pos, self.rope_theta, self.rope_fraction)

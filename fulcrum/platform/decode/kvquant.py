@@ -94,7 +94,9 @@ def collect(model, params, batches: Iterable[np.ndarray]) -> dict[str, list[np.n
   @jax.jit
   def step(tokens):
     inputs = tokens[:, :-1]
-    shapes = jax.eval_shape(model.init, jax.random.key(0), inputs)["perturbations"]
+    shapes = jax.eval_shape(
+      lambda: model.apply({"params": params}, inputs, mutable=["perturbations"])[1]
+    )["perturbations"]
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
     def loss(perturbations):

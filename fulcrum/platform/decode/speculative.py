@@ -90,10 +90,14 @@ def speculative_decode(
   p_last, cache_t = prefill(model, params, tokens, positions, max_len, chunk, kv_quant)
   q_last, cache_d = prefill(draft_model, draft_params, tokens, positions, max_len, chunk)
   verifier = with_history(model)
+  # Greedy: π and q are (mixes of) one-hots; argmax needs no random numbers.
+  draw_from = (
+    (lambda k, probs: jnp.argmax(probs, -1).astype(jnp.int32)) if sampling.greedy else draw
+  )
   pi = mixture(
     rule, q_last, p_last, probabilities(q_last, sampling), probabilities(p_last, sampling), alpha
   )
-  first = draw(jax.random.fold_in(key, 0), pi)
+  first = draw_from(jax.random.fold_in(key, 0), pi)
   ones = jnp.ones((batch,), jnp.int32)
   out = emit(empty_output(batch, max_new_tokens), first[:, None], ones, stop_tokens)
   rows = jnp.arange(batch)
@@ -105,7 +109,7 @@ def speculative_decode(
     )
     logits = logits[:, -1]
     q = probabilities(logits, sampling)
-    nxt = draw(jax.random.fold_in(k, j), q)
+    nxt = draw_from(jax.random.fold_in(k, j), q)
     return (cache, nxt, pos, k), (nxt, q, logits, cache_lib.recurrent_part(cache))
 
   def body(state):
@@ -127,7 +131,10 @@ def speculative_decode(
     proposed = drafts[:, :gamma]
     q_d = jnp.take_along_axis(qs[:, :gamma], proposed[..., None], -1)[..., 0]
     pi_d = jnp.take_along_axis(pis[:, :gamma], proposed[..., None], -1)[..., 0]
-    u = jax.random.uniform(k_accept, (batch, gamma))
+    if sampling.greedy:  # q(d) = 1 and π(d) is 1 or 0 (δ is 0 or 1): accept iff π(d) > 0.
+      u = jnp.zeros((batch, gamma))
+    else:
+      u = jax.random.uniform(k_accept, (batch, gamma))
     accepted = u * q_d < pi_d  # u < π(d)/q(d); q(d) > 0 as d was drawn from q.
     n = jnp.cumprod(accepted, axis=1).sum(1).astype(jnp.int32)
 
@@ -138,7 +145,7 @@ def speculative_decode(
     # only floating point can reach, as then nothing is rejected).
     use_pi = (n == gamma)[:, None] | (mass <= 0)
     fix_dist = jnp.where(use_pi, pi_n, residual / jnp.maximum(mass, 1e-30))
-    fix = draw(k_fix, fix_dist)
+    fix = draw_from(k_fix, fix_dist)
     new = jnp.where(jnp.arange(chunk) == n[:, None], fix[:, None], drafts)
     out = emit(out, new, n + 1, stop_tokens)
 
