@@ -108,10 +108,11 @@ def _cmd_decode(args) -> int:
   strategy = args.strategy or d.strategy
   pick = lambda value, default: default if value is None else value
   try:
+    # decode.temperature is the default of `sample`; the other strategies are greedy unless
+    # --temperature is given (speculative/cascade then sample; greedy/lookahead ignore it).
+    default_t = d.temperature if strategy == "sample" else 0.0
     sampling = Sampling(
-      temperature=0.0
-      if strategy in ("greedy", "lookahead")
-      else pick(args.temperature, d.temperature),
+      temperature=0.0 if strategy in ("greedy", "lookahead") else pick(args.temperature, default_t),
       top_k=pick(args.top_k, d.top_k),
       top_p=pick(args.top_p, d.top_p),
     )

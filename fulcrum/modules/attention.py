@@ -94,7 +94,8 @@ class QuantizedKVCache:
   positions held in the cache), values per token; the token at position 0 (the attention sink)
   is kept in full precision beside them. Slots work as in `KVCache`. Attention reads keys and
   values only through the quantizer, the chunk being decoded included, so decoding a sequence
-  in one chunk or token by token gives the same result.
+  in one chunk or token by token gives the same result (up to float rounding deciding
+  an entry right at a calibrated outlier threshold).
   """
 
   k: kvquant.QuantizedVectors  # Leaves [b, s, ...].

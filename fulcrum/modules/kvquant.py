@@ -7,7 +7,8 @@ D = k·e entries. Each vector is stored as
 
   codes          D level indices of `bits` bits each, bit-packed into D·bits/8 bytes;
   center, scale  the per-token normalisation (values; keys in "token" mode), in `scale_dtype`;
-  outliers       up to C = `spec.outliers` entries kept exactly (flat int16 index + value).
+  outliers       up to C = `spec.outliers` entries kept exactly (flat index + value; the index
+                 is uint8 when D < 256, else int16).
 
 Quantization (Section 3 of the paper; sections named, as their numbers differ between versions):
   * Keys per channel ("Per-Channel Key Quantization", "Pre-RoPE Key Quantization"):
@@ -42,7 +43,11 @@ from jaxtyping import Array, Float, Int, UInt8
 BITS = (1, 2, 3, 4, 8)
 KINDS = ("key", "value")
 KEY_MODES = ("channel", "token")
-_INDEX_DTYPE = jnp.int16
+
+
+def index_dtype(size: int) -> jnp.dtype:
+  """The smallest integer type holding outlier indices 0..D (D itself marks an unused slot)."""
+  return jnp.dtype(jnp.uint8) if size < 256 else jnp.dtype(jnp.int16)
 
 
 @struct.dataclass
@@ -92,7 +97,8 @@ class QuantizedVectors:
     codes: uint8 [b, t, D·bits/8], the bit-packed level indices (`pack_codes`).
     center: [b, t, 1] per-token center in scale_dtype; [b, t, 0] for per-channel keys.
     scale: [b, t, 1] per-token half-range in scale_dtype; [b, t, 0] for per-channel keys.
-    outlier_index: int16 [b, t, C], flat index into the D entries; D marks an unused slot.
+    outlier_index: [b, t, C] uint8 (D < 256) or int16, flat index into the D entries; D marks
+      an unused slot.
     outlier_value: [b, t, C] the exact outlier values, in outlier_dtype.
   """
 
@@ -327,7 +333,7 @@ def quantize(x: Float[Array, "b t k e"], spec: KVQuantSpec, kind: str) -> Quanti
     codes=pack_codes(codes, bits),
     center=center,
     scale=scale,
-    outlier_index=index.astype(_INDEX_DTYPE),
+    outlier_index=index.astype(index_dtype(size)),
     outlier_value=values.astype(jnp.dtype(spec.outlier_dtype)),
   )
 
@@ -378,7 +384,7 @@ def empty(
     codes=jnp.zeros((batch, size, entries * bits // 8), jnp.uint8),
     center=jnp.zeros((batch, size, stats), sdt),
     scale=jnp.zeros((batch, size, stats), sdt),
-    outlier_index=jnp.full((batch, size, spec.outliers), entries, _INDEX_DTYPE),
+    outlier_index=jnp.full((batch, size, spec.outliers), entries, index_dtype(entries)),
     outlier_value=jnp.zeros((batch, size, spec.outliers), jnp.dtype(spec.outlier_dtype)),
   )
 

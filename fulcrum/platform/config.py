@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.decode = ml_collections.ConfigDict()  # Defaults of `fulcrum decode` / `fulcrum calibrate`.
   c.decode.strategy = "greedy"  # greedy | sample | lookahead | speculative | cascade.
-  c.decode.temperature = 0.8  # Sampling temperature (strategies other than greedy/lookahead).
+  c.decode.temperature = 0.8  # `--strategy sample` temperature (the others are greedy).
   c.decode.top_k = 0  # Sample from the k most likely tokens only; 0 = all.
   c.decode.top_p = 1.0  # Nucleus sampling mass; 1 = off.
   c.decode.gamma = 4  # Speculative / cascade: draft tokens per target call.

@@ -98,7 +98,7 @@ def test_outliers_round_trip_exactly(outlier_dtype):
     x = x.astype(np.float16).astype(np.float32)
   q = quantize(jnp.asarray(x), spec, "key")
   index = np.asarray(q.outlier_index)
-  assert q.center.shape == (2, 6, 0) and index.dtype == np.int16
+  assert q.center.shape == (2, 6, 0) and index.dtype == np.uint8  # D = 32 < 256.
   for b in range(2):
     for t in range(6):
       used = index[b, t][index[b, t] < k * e]
@@ -253,9 +253,9 @@ def test_bytes_per_token():
   book = jnp.linspace(-1, 1, 8)
   spec = spec.replace(key_codebook=book, value_codebook=book, outliers=2)
   codes = 128 * 3 // 8
-  keys = codes + 2 * (2 + 2)
-  values = codes + 2 + 2 + 2 * (2 + 2)
-  assert kq.bytes_per_token(spec, 2, 64) == keys + values == 116
+  keys = codes + 2 * (1 + 2)  # D = 128 < 256: uint8 outlier index + float16 value.
+  values = codes + 2 + 2 + 2 * (1 + 2)
+  assert kq.bytes_per_token(spec, 2, 64) == keys + values == 112
   keys, values = kv_data(300, 4, 64, seed=4)
   nuq = kq.calibrate(keys, np.ones_like(keys), values, np.ones_like(values), 3)
   assert nuq.outliers == 3  # ceil(1% of 256)
@@ -263,6 +263,7 @@ def test_bytes_per_token():
   empty = kq.empty(3, 5, 4, 64, nuq, "key")
   assert empty.codes.shape == (3, 5, 96) and empty.center.shape == (3, 5, 0)
   assert np.all(np.asarray(empty.outlier_index) == 256)  # Every slot unused.
+  assert empty.outlier_index.dtype == np.int16  # D = 256 does not fit uint8's 0..255.
 
 
 def test_jit_and_stacked_spec():

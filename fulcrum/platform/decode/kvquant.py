@@ -14,6 +14,7 @@ baseline), "int-channel" (uniform, keys per channel pre-RoPE, values per token).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable
@@ -81,6 +82,27 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
   return tree
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _loss_grads(model, params, tokens):
+  """Gradients of the summed next-token NLL with respect to every attention layer's cached keys
+  and values (zero perturbations added to them), and the sown keys and values themselves."""
+  inputs = tokens[:, :-1]
+  shapes = jax.eval_shape(
+    lambda: model.apply({"params": params}, inputs, mutable=["perturbations"])[1]
+  )["perturbations"]
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+  def loss(perturbations):
+    logits, state = model.apply(
+      {"params": params, "perturbations": perturbations}, inputs, mutable=["intermediates"]
+    )
+    logp = jax.nn.log_softmax(logits, -1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).sum()
+    return nll, state["intermediates"]
+
+  return jax.grad(loss, has_aux=True)(zeros)
+
+
 def collect(model, params, batches: Iterable[np.ndarray]) -> dict[str, list[np.ndarray]]:
   """Pre-RoPE keys, values and their squared loss gradients of every attention layer.
 
@@ -90,24 +112,7 @@ def collect(model, params, batches: Iterable[np.ndarray]) -> dict[str, list[np.n
     but each sequence's first (the attention sink, kept in full precision).
   """
   paths = _attention_paths(model)
-
-  @jax.jit
-  def step(tokens):
-    inputs = tokens[:, :-1]
-    shapes = jax.eval_shape(
-      lambda: model.apply({"params": params}, inputs, mutable=["perturbations"])[1]
-    )["perturbations"]
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-
-    def loss(perturbations):
-      logits, state = model.apply(
-        {"params": params, "perturbations": perturbations}, inputs, mutable=["intermediates"]
-      )
-      logp = jax.nn.log_softmax(logits, -1)
-      nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).sum()
-      return nll, state["intermediates"]
-
-    return jax.grad(loss, has_aux=True)(zeros)
+  step = functools.partial(_loss_grads, model, params)
 
   names = ("keys", "values", "key_fisher", "value_fisher")
   per_layer: list[dict[str, list[np.ndarray]]] = []
@@ -224,24 +229,32 @@ def _spec_leaves(specs: Any) -> list[kvquant.KVQuantSpec]:
   return jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, kvquant.KVQuantSpec))
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _cache_nll(model, params, tokens, specs):
+  """Summed next-token NLL of [b, t] tokens with every key/value read through the cache."""
+  b, t = tokens.shape
+  cache = model.init_cache(b, t)
+  if specs is not None:
+    cache = quantized_cache(cache, specs)
+  positions = jnp.broadcast_to(jnp.arange(t - 1), (b, t - 1))
+  logits, _ = model.apply({"params": params}, tokens[:, :-1], positions, cache, method="decode")
+  logp = jax.nn.log_softmax(logits, -1)
+  return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).sum()
+
+
 def perplexity(model, params, sequences: np.ndarray, specs: Any | None) -> float:
   """Perplexity of [n, t] sequences when every key and value goes through the KV cache
-  (quantized by `specs`, or full precision when None): one prefill pass per batch, which equals
-  decoding token by token as attention reads the chunk through the quantizer too."""
+  (quantized by `specs`, or full precision when None), one prefill pass per batch of 8.
+
+  Attention reads the chunk being decoded through the quantizer too, so this is what decoding
+  token by token gives (up to float rounding deciding an entry right at a calibrated outlier
+  threshold)."""
   sequences = np.asarray(sequences, np.int32)
   n, t = sequences.shape
-
-  @jax.jit
-  def nll(tokens):
-    cache = model.init_cache(tokens.shape[0], t)
-    if specs is not None:
-      cache = quantized_cache(cache, specs)
-    positions = jnp.broadcast_to(jnp.arange(t - 1), (tokens.shape[0], t - 1))
-    logits, _ = model.apply({"params": params}, tokens[:, :-1], positions, cache, method="decode")
-    logp = jax.nn.log_softmax(logits, -1)
-    return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).sum()
-
-  total = sum(float(nll(jnp.asarray(sequences[i : i + 8]))) for i in range(0, n, 8))
+  total = sum(
+    float(_cache_nll(model, params, jnp.asarray(sequences[i : i + 8]), specs))
+    for i in range(0, n, 8)
+  )
   return math.exp(total / (n * (t - 1)))
 
 
