@@ -345,9 +345,14 @@ class Attention(nn.Module):
       k = rotate(k, positions)
     if cache is None:
       keys, values, k_pos = k, v, positions
+    elif isinstance(cache, KVCache) and x.shape[1] <= cache.k.shape[1] - self.window:
+      # Write, then attend over the cache alone (updated in place, no copy): the chunk's
+      # tokens only overwrite slots whose positions are out of every query's window.
+      cache = _write(cache, k, v, positions)
+      keys, values, k_pos = cache.k, cache.v, cache.positions
     elif isinstance(cache, KVCache):
-      # Attend over the old cache plus the new tokens before writing, so a chunk longer than
-      # a ring buffer still sees every key inside its window.
+      # A chunk longer than a ring buffer's spare slots: attend over the old cache plus the
+      # new tokens before writing, so every key inside the window is seen.
       keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
       values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
       k_pos = jnp.concatenate([cache.positions, positions], axis=1)

@@ -144,7 +144,8 @@ def _autoregressive(
   *, model, params, tokens, positions, key, kv_quant, max_new_tokens, sampling, stop_tokens
 ):
   batch, t = tokens.shape
-  last, cache = prefill(model, params, tokens, positions, t + max_new_tokens, kv_quant=kv_quant)
+  # One spare slot in a sliding window's ring buffer: each token is written before attending.
+  last, cache = prefill(model, params, tokens, positions, t + max_new_tokens, 1, kv_quant)
   pos = positions[:, -1] + 1
   first = pick(jax.random.fold_in(key, 0), last, sampling)
   out = emit(
