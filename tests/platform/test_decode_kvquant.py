@@ -158,6 +158,15 @@ def test_quantization_error_falls_with_bits_and_specs_round_trip(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_the_first_token_is_kept_in_full_precision():
+  """The attention sink: position 0's key and value are stored exactly, so the first query (which
+  sees only them) gets the full-precision logits even from a 2-bit cache, and later ones don't."""
+  got = chunk_logits("transformer", specs("transformer", 2))
+  want = full_precision_logits("transformer")
+  np.testing.assert_allclose(got[:, 0], want[:, 0], rtol=1e-5, atol=1e-5)
+  assert np.abs(got[:, 1:] - want[:, 1:]).max() > 1e-3
+
+
 def test_bytes_per_token_and_spec_placement(tmp_path):
   """Shapes only: a model with 2 KV heads of 64 dims (128 entries a token) is built, never run."""
   big = build(
