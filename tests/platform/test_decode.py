@@ -480,3 +480,27 @@ def test_bad_inputs_raise_value_errors():
   # Exactly at the limit is fine (and reuses the compiled greedy decode).
   out = generate(m, params, PROMPTS, NEW, max_len=12 + NEW)
   np.testing.assert_array_equal(out.tokens, decoded("transformer", "greedy").tokens)
+
+
+def test_hugging_face_checkpoint_decodes_with_every_lossless_strategy():
+  """An HF-imported model (RecurrentGemma: soft-capped Griffin with local attention) goes through
+  the same engine: greedy equals argmax of full forward passes, and lookahead and self-drafted
+  speculative decoding equal greedy."""
+  from fulcrum.platform import hf
+  from tests.conftest import REPO
+
+  model, params = hf.load_pretrained(REPO / "tests" / "fixtures" / "hf" / "tiny_recurrent_gemma")
+  prompts, n = [[5, 9, 2, 7, 1, 3], [4, 4]], 5
+  greedy = generate(model, params, prompts, n)
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  for row, prompt in zip(greedy.rows(), prompts, strict=True):
+    buf = np.zeros((1, len(prompt) + n), np.int32)  # Causal: the zeros after do not matter.
+    buf[0, : len(prompt)] = prompt
+    for j in range(len(prompt), len(prompt) + n):
+      buf[0, j] = int(np.argmax(forward(params, jnp.asarray(buf))[0, j - 1]))
+    np.testing.assert_array_equal(row, buf[0, len(prompt) :])
+  lookahead = generate(model, params, prompts, n, strategy="lookahead", lookahead=(3, 3, 2))
+  np.testing.assert_array_equal(lookahead.tokens, greedy.tokens)
+  spec = generate(model, params, prompts, n, strategy="speculative", draft=(model, params), gamma=2)
+  np.testing.assert_array_equal(spec.tokens, greedy.tokens)
+  assert spec.target_calls < greedy.target_calls  # A self-draft is always accepted.

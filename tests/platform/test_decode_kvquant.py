@@ -266,10 +266,10 @@ def test_calibrate_and_decode_commands(workdir, cli, tmp_path):
   assert greedy["kv_cache"] == "kvquant" and greedy["strategy"] == "greedy"
   # Lookahead and speculative decoding are lossless over the same quantized cache (stacked
   # layers: cache surgery on stacked quantized caches). The model is its own draft (decoding in
-  # full precision); the CLI samples speculative decoding at decode.temperature unless told.
+  # full precision); speculative decoding is greedy unless --temperature is given.
   look = run_json("--strategy", "lookahead", "--lookahead", "4,3,3")
   assert look["tokens"] == greedy["tokens"] and look["target_calls"] <= greedy["target_calls"]
-  spec = run_json("--strategy", "speculative", "--draft-workdir", workdir, "--temperature", 0)
+  spec = run_json("--strategy", "speculative", "--draft-workdir", workdir)
   assert spec["tokens"] == greedy["tokens"] and spec["draft_calls"] > 0
 
   assert_user_error(cli(*decode, "--kv-cache", "int-token"), "no int-token 3-bit", "calibrate")
@@ -285,3 +285,5 @@ def test_calibrate_and_decode_commands(workdir, cli, tmp_path):
     cli(*decode, "--strategy", "speculative", "--draft-workdir", missing), "config.json"
   )
   assert_user_error(cli(*decode, "--strategy", "lookahead", "--lookahead", "0,3,3"), "W >= 1")
+  over = ("decode", "--workdir", workdir, "--prompt", "x" * 10, "--max-new-tokens", 4090)
+  assert_user_error(cli(*over), "context limit")
