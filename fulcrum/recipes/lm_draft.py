@@ -11,22 +11,9 @@ cores).
     --prompt 'def __init__(self'
 """
 
-from fulcrum.platform.config import base_config
+from fulcrum.platform.config import byte_lm_config
 
 
 def get_config():
-  c = base_config()
-  c.train.steps = 600
-  c.train.batch_size = 16
-  c.train.seq_len = 128
-  c.train.log_every = 20
-  c.train.eval_every = 200
-  c.train.checkpoint_every = 200
-  c.train.eval_batches = 8
-  c.model.d_model = 64
-  c.model.num_layers = 3
-  c.model.num_heads = 2
-  c.model.num_kv_heads = 1
-  c.optimizer.learning_rate = 5e-3
-  c.optimizer.warmup_steps = 50
+  c = byte_lm_config(d_model=64, num_layers=3, num_heads=2, num_kv_heads=1, learning_rate=5e-3)
   return c

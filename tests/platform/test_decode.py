@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 from scipy import stats
 
 from fulcrum.modules import build
@@ -23,6 +22,7 @@ from fulcrum.platform.decode import cache as cache_lib
 from fulcrum.platform.decode.generate import with_history
 from fulcrum.platform.decode.sampling import probabilities
 from fulcrum.platform.decode.speculative import deferral, mixture
+from tests.conftest import random_params
 
 VOCAB = 16
 NEW = 10  # New tokens per row in the equivalence tests.
@@ -45,35 +45,7 @@ LOOKAHEAD = (4, 3, 3)  # W, N, G.
 GAMMA = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def unoptimised_compiles():
-  """Dozens of tiny programs, each run for microseconds: XLA's optimisation passes would
-  dominate the runtime (about half of it)."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
-
-
-def random_params(model, seed: int):
-  """Gaussian parameters of `model`'s shapes (no compiled init: it costs seconds a model), with
-  long-memory recurrences: RG-LRU decays a^8 in [0.9, 0.999] as initialised, and Mamba's
-  A = -exp(A_log) near -0.05, so outputs depend on tokens well back (and a broken cache shows)."""
-  shapes = nn.unbox(
-    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  )
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    if path[-1].key == "a_param":  # softplus(a_param) = -log(a) / 8.
-      x = np.log(np.expm1(-np.log(rng.uniform(0.9, 0.999, s.shape)) / 8))
-    elif path[-1].key == "A_log":
-      x = rng.normal(-3.0, 0.25, s.shape)
-    else:
-      x = rng.normal(0.0, s.shape[-2] ** -0.5 if len(s.shape) >= 2 else 0.2, s.shape)
-    return jnp.asarray(x, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
 
 
 @functools.cache

@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from fulcrum.modules import build
 from fulcrum.modules import kvquant as kvquant_math
 from fulcrum.platform.decode import kvquant as kq
-from tests.conftest import tiny_overrides
+from tests.conftest import random_params, tiny_overrides
 
 VOCAB = 32
 CONFIGS = {
@@ -30,34 +29,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def unoptimised_compiles():
-  """Many tiny programs, each run for microseconds: skip XLA's optimisation passes."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
-
-
-def random_params(model, seed: int):
-  """Gaussian parameters of `model`'s shapes (no compiled init: it costs seconds a model), with
-  long-memory recurrences: RG-LRU decays a^8 in [0.9, 0.999] as initialised, and Mamba's
-  A = -exp(A_log) near -0.05, so outputs depend on tokens well back (and a broken cache shows)."""
-  shapes = nn.unbox(
-    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  )
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    if path[-1].key == "a_param":  # softplus(a_param) = -log(a) / 8.
-      x = np.log(np.expm1(-np.log(rng.uniform(0.9, 0.999, s.shape)) / 8))
-    elif path[-1].key == "A_log":
-      x = rng.normal(-3.0, 0.25, s.shape)
-    else:
-      x = rng.normal(0.0, s.shape[-2] ** -0.5 if len(s.shape) >= 2 else 0.2, s.shape)
-    return jnp.asarray(x, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
 
 
 @functools.cache
