@@ -7,9 +7,9 @@ RECIPE ?= lm_transformer
 WORKDIR ?= runs/$(RECIPE)
 ARGS ?=
 PROMPT ?= def __init__(self
-BENCH ?= train scan scaling decode_latency optim decode  # make bench BENCH=scan: just one
+BENCH ?= train scan scaling decode_latency optim decode attribution  # BENCH=scan: just one
 
-.PHONY: setup demo test train eval decode calibrate speculative kvquant bench notebooks lint format clean
+.PHONY: setup demo test train eval decode calibrate speculative kvquant attribute bench notebooks lint format clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,12 @@ kvquant: setup
 	$(BIN)/fulcrum train --recipe decode_kvquant --workdir runs/decode_kvquant
 	$(BIN)/fulcrum calibrate --workdir runs/decode_kvquant
 	$(BIN)/fulcrum decode --workdir runs/decode_kvquant --prompt '$(PROMPT)'
+
+# Explain the demo LM's next-token prediction: HTML heatmaps in runs/demo/attribution/.
+METHOD ?= integrated_gradients
+attribute: setup
+	$(BIN)/fulcrum train --recipe demo --workdir runs/demo
+	$(BIN)/fulcrum attribute --workdir runs/demo --input '$(PROMPT)' --method $(METHOD) $(ARGS)
 
 bench: setup
 	for b in $(BENCH); do $(BIN)/fulcrum bench $$b --json || exit $$?; done

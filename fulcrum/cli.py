@@ -6,6 +6,7 @@
   fulcrum decode --workdir DIR --prompt TEXT [--strategy greedy|sample|lookahead|speculative|
                  cascade] [--draft-workdir DIR] [--max-new-tokens N] [--json]
   fulcrum calibrate --workdir DIR [--method kvquant|int-token|int-channel] [--bits 2|3|4]
+  fulcrum attribute --workdir DIR --input TEXT --method NAME [--out FILE] [--json]
   fulcrum bench NAME [--json]
 
 User errors exit with status 2 and one line naming the problem and the fix.
@@ -187,6 +188,166 @@ def _cmd_calibrate(args) -> int:
   return 0
 
 
+def _series_input(exp, text: str):
+  """A forecaster's input window (standardised) from `validation[:N]`, a CSV file or numbers."""
+  import numpy as np
+
+  series = exp.task.series
+  need, c = series.input_len, series.num_channels
+  if text == "validation" or text.startswith("validation:"):
+    inputs, _ = series.windows("validation")
+    index = text.partition(":")[2] or "0"
+    if not index.lstrip("-").isdigit() or not -len(inputs) <= int(index) < len(inputs):
+      raise UserError(f"--input {text!r}: the validation split has {len(inputs)} windows")
+    return inputs[int(index)], f"validation window {int(index) % len(inputs)}"
+  path = Path(text)
+  try:
+    if path.suffix == ".csv" and path.exists():
+      raw = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=1, dtype=np.float64)
+      source = str(path)
+    else:
+      raw = np.array([float(v) for v in text.split(",")], np.float64)[:, None]
+      source = "--input values"
+  except ValueError:
+    raise UserError(
+      "--input for a forecaster is `validation[:N]`, a CSV file (header row, one column per "
+      "channel) or comma-separated numbers"
+    ) from None
+  if raw.shape[1] != c or raw.shape[0] < need:
+    raise UserError(
+      f"--input gives {raw.shape[0]} steps x {raw.shape[1]} channel(s); the model needs the "
+      f"last {need} steps of {c} channel(s) ({', '.join(series.channels)})"
+    )
+  return series.normalize(raw[-need:]), source
+
+
+def _cmd_attribute(args) -> int:
+  import numpy as np
+
+  from fulcrum.platform import attribution
+  from fulcrum.platform.attribution import report
+  from fulcrum.platform.data import ByteTokenizer
+  from fulcrum.platform.trainer import load_workdir
+
+  if not args.input:
+    raise UserError("--input is empty; pass the text (or series) to explain")
+  if args.method not in attribution.METHODS:
+    raise UserError(
+      f"unknown method {args.method!r}; choose one of {', '.join(attribution.METHODS)}"
+    )
+  exp, state, step = load_workdir(args.workdir)
+  task = exp.config.task
+  if task not in ("lm", "forecast"):
+    raise UserError(f"{args.workdir} trains task {task!r}; attribute needs an LM or a forecaster")
+  baseline = args.baseline
+  if baseline is not None and baseline.isdigit():
+    baseline = int(baseline)
+  tok = ByteTokenizer()
+  try:
+    if task == "lm":
+      data = (args.input + (args.continuation or "")).encode("utf-8")
+      inputs = np.asarray(tok.encode(args.input + (args.continuation or "")), np.int32)
+      if args.continuation:
+        start = len(tok.encode(args.input))
+        target = attribution.Target(kind="span", start=start)
+      else:
+        token = None
+        if args.token is not None:
+          ids = tok.encode(args.token)
+          if len(ids) != 1:
+            raise UserError(f"--token must be one byte-level token, got {args.token!r}")
+          token = ids[0]
+        target = attribution.Target(kind=args.target, token=token)
+      source = None
+    else:
+      data = None
+      inputs, source = _series_input(exp, args.input)
+      target = attribution.Target(kind="forecast", step=args.step, channel=args.channel)
+    result = attribution.attribute(
+      exp.model,
+      state.params,
+      inputs,
+      args.method,
+      target=target,
+      baseline=baseline,
+      steps=args.steps,
+      samples=args.samples,
+      noise=args.noise,
+      layer=args.layer,
+    )
+    subject = attribution.Subject(exp.model, state.params, inputs, target)
+    metrics = {}
+    # Deletion / insertion act on the inputs, so not for a layer's attribution.
+    if not args.no_metrics and result.layer is None:
+      metrics = attribution.faithfulness(subject, result.scores, baseline=baseline)
+    if args.sanity_check:
+      check = attribution.randomisation_check(
+        exp.model, state.params, inputs, args.method, target=target, baseline=baseline,
+        steps=args.steps, samples=args.samples, noise=args.noise, layer=args.layer,
+      )  # fmt: skip
+      metrics["randomisation_spearman"] = check["spearman"]
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  resolved = subject.target
+  shown = {k: metrics[k] for k in metrics if k.endswith(("auc", "spearman"))}
+  if result.completeness_gap is not None:
+    shown["completeness_gap"] = result.completeness_gap
+  title = f"{args.method} — {Path(args.workdir).name} (step {step})"
+  if task == "lm":
+    tokens = report.display_tokens(data)
+    what = resolved.describe(lambda t: tok.decode([t]))
+    out = Path(args.out or Path(args.workdir) / "attribution" / f"{args.method}.html")
+    position = resolved.position if resolved.kind != "span" else None
+    html = report.html_heatmap(
+      tokens,
+      np.asarray(result.scores),
+      title=title,
+      subtitle=f"explains {what} = {result.target:.4g}",
+      metrics=shown,
+      target_index=position,
+    )
+    report.write_html(out, html)
+  else:
+    what = resolved.describe()
+    out = Path(args.out or Path(args.workdir) / "attribution" / f"{args.method}.png")
+    forecast = exp.model.apply({"params": state.params}, np.asarray(inputs)[None])[0]
+    scores = np.asarray(result.scores)
+    if scores.ndim == 1:  # A layer's per-step scores: the same colour for every channel.
+      scores = np.repeat(scores[:, None], np.asarray(inputs).shape[-1], 1)
+    report.series_png(
+      out,
+      np.asarray(inputs),
+      scores,
+      forecast=np.asarray(forecast),
+      title=f"{title}: {what} ({source})",
+      channel_names=list(exp.task.series.channels),
+    )
+  if args.json:
+    summary = {
+      "method": args.method,
+      "target": {"description": what, "value": result.target},
+      "attributions": np.asarray(result.scores).tolist(),
+      "completeness_gap": result.completeness_gap,
+      "steps": result.steps,
+      "metrics": metrics,
+      "out": str(out),
+    }
+    if task == "lm":
+      summary["tokens"] = tokens
+    if result.baseline_target is not None:
+      summary["baseline_target"] = result.baseline_target
+    print(json.dumps(summary))
+  else:
+    print(f"{args.method}: {what} = {result.target:.4g}")
+    if task == "lm":
+      top = np.argsort(-np.asarray(result.scores))[:8]
+      print("top tokens: " + ", ".join(f"{tokens[i]!r}@{i} {result.scores[i]:+.3g}" for i in top))
+    for name, value in shown.items():
+      print(f"  {name}: {value:.4g}")
+    print(f"saved: {out}")
+  return 0
+
+
 def _cmd_bench(args) -> int:
   import importlib
 
@@ -254,6 +415,41 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--bits", type=int, choices=(2, 3, 4))
   c.add_argument("--batches", type=int, help="calibration batches (default decode.*)")
   c.set_defaults(fn=_cmd_calibrate)
+
+  a = sub.add_parser("attribute", help="explain a prediction: token heatmap or series plot")
+  a.add_argument("--workdir", required=True)
+  a.add_argument(
+    "--input",
+    required=True,
+    help="text (LM), or for a forecaster: validation[:N], a CSV file or comma-separated values",
+  )
+  a.add_argument(
+    "--method",
+    required=True,
+    help="saliency, grad_x_input, integrated_gradients, smoothgrad, rollout, hidden_attention "
+    "or layer",
+  )
+  a.add_argument("--out", help="HTML (LM) or PNG (forecaster); default DIR/attribution/METHOD.*")
+  a.add_argument("--json", action="store_true")
+  a.add_argument(
+    "--target", choices=("logprob", "logit"), default="logprob", help="LM: what is explained"
+  )
+  a.add_argument("--token", help="LM: the next token explained (default: the top prediction)")
+  a.add_argument("--continuation", help="LM: explain this text's log-likelihood after --input")
+  a.add_argument("--step", type=int, default=0, help="forecaster: horizon step explained")
+  a.add_argument("--channel", type=int, default=0, help="forecaster: channel explained")
+  a.add_argument("--steps", type=int, default=64, help="integrated gradients: quadrature points")
+  a.add_argument("--baseline", help="pad | zero | TOKEN_ID (LM), mean | zero (forecaster)")
+  a.add_argument("--samples", type=int, default=32, help="smoothgrad: noisy samples")
+  a.add_argument("--noise", type=float, default=0.1, help="smoothgrad: σ / input range")
+  a.add_argument("--layer", help="method layer: a tapped activation, e.g. blocks_1/output")
+  a.add_argument("--no-metrics", action="store_true", help="skip deletion/insertion AUC")
+  a.add_argument(
+    "--sanity-check",
+    action="store_true",
+    help="also attribute with re-initialised weights; report the Spearman rank correlation",
+  )
+  a.set_defaults(fn=_cmd_attribute)
 
   b = sub.add_parser("bench", help="run a benchmark from benchmarks/")
   b.add_argument("name")

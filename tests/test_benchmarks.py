@@ -169,3 +169,89 @@ def test_decode_summary_goals_and_table():
   assert "| lookahead | 140.0 | 1.40 | 2.50 | 0.00 | -1.000 | yes |" in md
   assert "| kvquant3 | 220 | 4.65x | 10.1000 | 1.0100 |" in md
   assert "kvquant3_ppl_ratio **not met**" in md
+
+
+@pytest.mark.usefixtures("unoptimised_compiles")
+def test_attribution_tables_cover_every_architecture_and_method(monkeypatch):
+  """`bench attribution`'s tables from a stand-in engine (the engine itself is tested in
+  tests/platform): a timing entry for every architecture × method that applies, and the
+  median AUCs per method with the `random` references, headline on the transformer. First,
+  for real on a small random Mamba, the engine calls the benchmark makes (private ones too)."""
+  from types import SimpleNamespace
+
+  import numpy as np
+
+  from benchmarks import bench_attribution as ba
+  from fulcrum import modules
+  from fulcrum.platform.attribution import Attribution, Subject, faithfulness
+  from tests.conftest import random_params
+
+  config = ba._config("mamba", quick=True)
+  exp = SimpleNamespace(config=config, model=modules.build(config.model))
+  params, x = random_params(exp.model, 0), np.arange(40, 50, dtype=np.int32)
+  for method in ("saliency", "integrated_gradients", "rollout"):
+    assert ba._peak_memory_mb(exp, params, x, method) > 0
+  subject, scores = Subject(exp.model, params, x), np.arange(10.0)[::-1]
+  f = faithfulness(subject, scores, random_orders=1)
+  assert ba._aucs(subject, scores) == pytest.approx((f["deletion_auc"], f["insertion_auc"]))
+
+  methods = list(ba.METHODS)
+  # Method i: deletion AUC 0.1·i on the first sequence, +0.1 on the second; insertion 1 − that.
+  auc = lambda i, seq: (0.1 * i + 0.1 * seq, 1 - 0.1 * i - 0.1 * seq)
+
+  def train(arch, quick):
+    exp = SimpleNamespace(config=ba._config(arch, quick), model=arch)
+    return exp, SimpleNamespace(params={"w": np.zeros(2500)}), {"eval/bits_per_byte": 3.0}
+
+  def attribute(model, params, x, method, layer=None):
+    ig = method in ("integrated_gradients", "layer")
+    scores = np.full(len(x), methods.index(method) + 10 * x[0], float)  # Method and sequence.
+    return Attribution(method, scores, 0.0, steps=64 if ig else None,
+                       completeness_gap=1e-3 if ig else None)  # fmt: skip
+
+  def faithfulness(subject, scores, random_orders):
+    d, i = auc(int(scores[0]) % 10, int(scores[0]) // 10)
+    ref = (0.45, 0.35) if subject.layer else (0.5, 0.3)
+    return {"deletion_auc": d, "insertion_auc": i, "random_deletion_auc": ref[0],
+            "random_insertion_auc": ref[1], "f_x": -1.0, "f_baseline": -4.0}  # fmt: skip
+
+  monkeypatch.setattr(ba, "_train", train)
+  monkeypatch.setattr(
+    ba, "_sequences", lambda exp, n, length: [np.full(length, k) for k in range(n)]
+  )
+  monkeypatch.setattr(ba, "attribute", attribute)
+  monkeypatch.setattr(ba, "_peak_memory_mb", lambda exp, params, x, method: 10.0)
+  subject = lambda *a, layer=None: SimpleNamespace(layer=layer, target=SimpleNamespace(token=32))
+  monkeypatch.setattr(ba, "Subject", subject)
+  monkeypatch.setattr(ba, "faithfulness", faithfulness)
+  monkeypatch.setattr(ba, "_aucs", lambda s, scores: auc(int(scores[0]) % 10, int(scores[0]) // 10))
+  monkeypatch.setattr(ba, "randomisation_check", lambda *a, **k: {"spearman": 0.25})
+  result = ba.run(quick=True)  # Two sequences: mean AUC = method's + 0.05.
+
+  gradient = {"saliency", "grad_x_input", "integrated_gradients", "smoothgrad"}
+  for arch in ba.ARCHS:
+    timing = result["timing"][arch]
+    assert set(timing) == set(methods)
+    expected = {
+      "transformer": set(methods) - {"hidden_attention"},
+      "dlinear": gradient,
+    }.get(arch, set(methods))
+    assert {m for m, t in timing.items() if t is not None} == expected, arch
+    assert all(t["peak_memory_mb"] == 10.0 for t in timing.values() if t)
+    assert timing["integrated_gradients"]["mean_steps"] == 64
+  head = set(methods) - {"hidden_attention"}
+  assert set(result["deletion_auc"]) == head | {"random", "random_layer"}
+  assert set(result["insertion_auc"]) == set(result["deletion_auc"])
+  assert result["deletion_auc"]["integrated_gradients"] == pytest.approx(0.25)
+  assert result["insertion_auc"]["layer"] == pytest.approx(1 - 0.65)
+  assert result["deletion_auc"]["random"] == 0.5 and result["insertion_auc"]["random"] == 0.3
+  assert result["deletion_auc"]["random_layer"] == 0.45
+  assert set(result["faithfulness"]) == {"transformer", "mamba"}
+  assert set(result["faithfulness"]["mamba"]) == set(methods) | {"random", "random_layer"}
+  assert result["randomisation_spearman"] == {m: 0.25 for m in head}
+  md = result["markdown"]
+  # Medians of two sequences; IG beats random deletion on both, insertion on both.
+  assert "| integrated_gradients | 0.250 | 0.750 | 2/2, 2/2 | 0.250 |" in md
+  assert "| random ordering | 0.500 | 0.300 | — | — |" in md
+  assert "' ' 3.00" in md  # The explained byte and F(x) − F(pad).
+  assert "| hidden_attention | — | 0" in md  # Not on the transformer; on mamba.

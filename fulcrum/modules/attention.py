@@ -22,7 +22,17 @@ from jaxtyping import Array, Bool, Float, Int
 
 from fulcrum.modules import kvquant
 from fulcrum.modules.config import ModelConfig
-from fulcrum.modules.layers import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, dense, rope
+from fulcrum.modules.layers import (
+  BATCH,
+  EMBED,
+  HEAD_DIM,
+  HEADS,
+  KV_HEADS,
+  LENGTH,
+  dense,
+  rope,
+  tap,
+)
 
 
 def rotary_dims(head_dim: int, fraction: float) -> int:
@@ -210,16 +220,21 @@ def attention_mask(q_pos: Int[Array, "b t"], k_pos: Int[Array, "b s"], window: i
   return mask
 
 
-def reference_attention(q: Array, k: Array, v: Array, mask: Bool[Array, "b 1 t s"]) -> Array:
-  """softmax(q kᵀ / sqrt(e)) v in float32 with kv heads repeated for GQA/MQA."""
-  rep = q.shape[2] // k.shape[2]
-  k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+def attention_weights(q: Array, k: Array, mask: Bool[Array, "b 1 t s"]) -> Array:
+  """softmax(q kᵀ / sqrt(e)) [b, h, t, s] in float32, kv heads repeated for GQA/MQA; a query
+  with no visible key (only padding rows) gets zeros, not a uniform average."""
+  k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
   scores = jnp.einsum("bthe,bshe->bhts", q, k, preferred_element_type=jnp.float32)
   scores = scores / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
-  # A query with no visible key (only padding rows) gets zeros, not a uniform average.
-  probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+  return jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+
+
+def reference_attention(q: Array, k: Array, v: Array, mask: Bool[Array, "b 1 t s"]) -> Array:
+  """softmax(q kᵀ / sqrt(e)) v in float32 with kv heads repeated for GQA/MQA."""
+  probs = attention_weights(q, k, mask)
+  v = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)
   return jnp.einsum("bhts,bshe->bthe", probs, v.astype(jnp.float32)).astype(q.dtype)
 
 
@@ -323,15 +338,9 @@ class Attention(nn.Module):
     implicit_positions = positions is None
     if implicit_positions:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    # Keys and values as a KV cache stores them. KVQuant calibrates on these and on the loss
-    # gradients with respect to them: an `apply` with a mutable "perturbations" collection adds
-    # zeros to differentiate (never at init, so `init`'s variables stay params-only to apply).
-    if not self.is_initializing() and (
-      self.is_mutable_collection("perturbations") or self.has_variable("perturbations", "keys")
-    ):
-      k, v = self.perturb("keys", k), self.perturb("values", v)
-    self.sow("intermediates", "keys", k)
-    self.sow("intermediates", "values", v)
+    # Keys and values as a KV cache stores them (pre-RoPE). KVQuant calibrates on these and on
+    # the loss gradients with respect to them (`tap`).
+    k, v = tap(self, "keys", k), tap(self, "values", v)
     rotate = lambda z, pos: partial_rope(z, pos, self.rope_theta, self.rope_fraction)
     q = nn.with_logical_constraint(rotate(q, positions), (BATCH, LENGTH, HEADS, HEAD_DIM))
 
@@ -384,6 +393,15 @@ class Attention(nn.Module):
       )
       # Rows that see no key at all (padding) come back as zeros, as in the reference.
       out = jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0)
+    if self.is_mutable_collection("attention") and not self.is_initializing():
+      # Attention weights for attribution (rollout), only when asked for (never at init, whose
+      # collections are all mutable): [b, h, t, s] over the keys attended (the cache's slots
+      # when decoding).
+      self.sow(
+        "attention",
+        "weights",
+        attention_weights(q, keys, attention_mask(positions, k_pos, self.window)),
+      )
     out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS, HEAD_DIM))
     kw["use_bias"] = self.use_bias or self.out_bias
     y = dense((h, e), d, (HEADS, HEAD_DIM, EMBED), "o", **kw)(out)

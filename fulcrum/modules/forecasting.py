@@ -57,9 +57,9 @@ def moving_average(x: Float[Array, "b l c"], kernel_size: int) -> Float[Array, "
   padded = jnp.concatenate(
     [jnp.repeat(x[:, :1], front, axis=1), x, jnp.repeat(x[:, -1:], back, axis=1)], axis=1
   )
-  total = jax.lax.reduce_window(
-    padded, jnp.zeros((), x.dtype), jax.lax.add, (1, kernel_size, 1), (1, 1, 1), "VALID"
-  )
+  # A sum window with a literal 0 init lowers to reduce_window_sum, which is differentiable
+  # (attribution takes gradients with respect to the series).
+  total = jax.lax.reduce_window(padded, 0.0, jax.lax.add, (1, kernel_size, 1), (1, 1, 1), "VALID")
   return total / kernel_size
 
 
@@ -141,7 +141,8 @@ class DLinear(nn.Module):
   def __call__(self, x: Float[Array, "b l c"]) -> Float[Array, "b o c"]:
     _check_inputs(x, self.input_len, self.channels, "DLinear")
     seasonal, trend = decompose(x.astype(jnp.float32), self.moving_avg)
-    self.sow("intermediates", "trend", trend)
+    # Sown as trend_component: "trend" names the head below (a sow under it clashed).
+    self.sow("intermediates", "trend_component", trend)
     init = nn.initializers.constant(1.0 / self.input_len)
     kw = dict(individual=self.individual, kernel_init=init)
     seasonal_out = TimeLinear(self.horizon, name="seasonal", **kw)(seasonal)

@@ -44,6 +44,7 @@ from fulcrum.modules.layers import (
   GatedMLP,
   RMSNorm,
   dense,
+  tap,
 )
 
 RECURRENT, ATTENTION = "recurrent", "attention"
@@ -182,9 +183,7 @@ class RGLRU(nn.Module):
     r = jax.nn.sigmoid(BlockDiagonalLinear(self.width, self.num_heads, name="a_gate", **kw)(x))
     log_a = -self.c * r.astype(jnp.float32) * jax.nn.softplus(a_param.astype(jnp.float32))
     a, scale = rg_lru_coefficients(log_a, input_gate, positions == 0)
-    self.sow("intermediates", "x", x)
-    self.sow("intermediates", "a", a)
-    self.sow("intermediates", "input_scale", scale)
+    x, a, scale = tap(self, "x", x), tap(self, "a", a), tap(self, "input_scale", scale)
     h, h_last = scan.linear_scan(a, scale * x.astype(jnp.float32), h0, impl=self.scan_impl)
     return h.astype(self.dtype), h if self.history else h_last
 
@@ -312,7 +311,8 @@ class ResidualBlock(nn.Module):
     h = GatedMLP(
       c.d_model, c.mlp_dim or 3 * c.d_model, "gelu", use_bias=True, name="mlp_block", **kw
     )(h)
-    return nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED)), cache
+    x = tap(self, "output", x + h)  # The residual stream after the block, for attribution.
+    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), cache
 
   def init_cache(self, batch: int, max_len: int, extra: int = 0) -> RecurrentCache | KVCache:
     """Empty cache: RG-LRU + conv state, or a KV cache (a ring buffer of `window` + `extra`

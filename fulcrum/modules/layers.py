@@ -21,6 +21,20 @@ BATCH, LENGTH, EMBED, VOCAB = "batch", "length", "embed", "vocab"
 HEADS, KV_HEADS, HEAD_DIM, MLP = "heads", "kv_heads", "head_dim", "mlp"
 
 
+def tap(module: nn.Module, name: str, value: Array) -> Array:
+  """Exposes an activation by name: sown to "intermediates" (when that collection is mutable)
+  and, for gradients with respect to it, plus a zero "perturbations" variable — only when an
+  `apply` passes a mutable "perturbations" collection or one that holds this name, never at
+  init (so `init` returns params only). Attribution and KV-cache calibration read these.
+  """
+  module.sow("intermediates", name, value)
+  if not module.is_initializing() and (
+    module.is_mutable_collection("perturbations") or module.has_variable("perturbations", name)
+  ):
+    value = module.perturb(name, value)
+  return value
+
+
 class RMSNorm(nn.Module):
   """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32.
 

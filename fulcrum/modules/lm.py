@@ -13,7 +13,7 @@ from jaxtyping import Array, Float, Int
 from fulcrum.modules import quant
 from fulcrum.modules.config import ModelConfig
 from fulcrum.modules.griffin import GRIFFIN_PATTERN, RecurrentResidualBlock
-from fulcrum.modules.layers import EMBED, VOCAB, Embedder, RMSNorm, dense
+from fulcrum.modules.layers import EMBED, VOCAB, Embedder, RMSNorm, dense, tap
 from fulcrum.modules.mamba import MambaBlock
 from fulcrum.modules.transformer import TransformerBlock
 
@@ -99,7 +99,7 @@ class LM(nn.Module):
     if c.scan_layers:
       self.blocks = nn.scan(
         _ScanStep,
-        variable_axes={"params": 0, "intermediates": 0, "perturbations": 0},
+        variable_axes={"params": 0, "intermediates": 0, "perturbations": 0, "attention": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, 0),
         length=c.num_layers // len(pattern),
@@ -113,7 +113,8 @@ class LM(nn.Module):
       self.lm_head = dense(c.d_model, c.vocab_size, (EMBED, VOCAB), "lm_head", **kw)
 
   def _run(self, tokens, positions, cache):
-    x = self.embedder(tokens)
+    # Attribution of token inputs happens here, at the embeddings (`layers.tap`).
+    x = tap(self, "embeddings", self.embedder(tokens))
     if self.config.scan_layers:
       x, cache = self.blocks(x, positions, cache)
     else:

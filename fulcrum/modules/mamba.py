@@ -15,9 +15,10 @@ sequence can be fed in chunks of any length, one token at a time included, and g
 of one full pass. `selective=False` is the paper's LTI ablation (Table 1, "S4"): dt, B and C are
 learned parameters that do not depend on the input.
 
-Sown intermediates (`mutable=["intermediates"]`), the ingredients of Mamba's hidden attention
-(Ali et al. 2024): `x` (scan input, after conv and silu), `dt` (after softplus), `B`, `C`, and
-`gate` (silu(z)); `A = -exp(A_log)` and `D` are parameters.
+Sown intermediates (`mutable=["intermediates"]`, each also a `layers.tap` for gradients), the
+ingredients of Mamba's hidden attention (Ali et al. 2024): `x` (scan input, after conv and
+silu), `dt` (after softplus), `B`, `C`, and `gate` (silu(z)); `A = -exp(A_log)` and `D` are
+parameters. The block taps its `output` (the residual stream after it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from jaxtyping import Array, Float, Int
 
 from fulcrum.modules import scan
 from fulcrum.modules.config import ModelConfig
-from fulcrum.modules.layers import BATCH, EMBED, LENGTH, MLP, CausalConv1D, RMSNorm, dense
+from fulcrum.modules.layers import BATCH, EMBED, LENGTH, MLP, CausalConv1D, RMSNorm, dense, tap
 
 
 class MambaCache(NamedTuple):
@@ -225,15 +226,13 @@ class MambaMixer(nn.Module):
     if pad is not None:
       dt = jnp.where(pad, 0.0, dt)
 
-    for name, value in (("x", xs), ("dt", dt), ("B", B), ("C", C)):
-      self.sow("intermediates", name, value)
+    xs, dt, B, C = (tap(self, name, v) for name, v in (("x", xs), ("dt", dt), ("B", B), ("C", C)))
     h0 = None if cache is None else cache.ssm
     if history:
       y, h_last = selective_scan_states(xs, dt, A, B, C, D, h0)
     else:
       y, h_last = scan.selective_scan(xs, dt, A, B, C, D, h0, impl=self.scan_impl)
-    gate = nn.silu(z)
-    self.sow("intermediates", "gate", gate)
+    gate = tap(self, "gate", nn.silu(z))
     y = nn.with_logical_constraint(y.astype(self.dtype) * gate, (BATCH, LENGTH, MLP))
     out = dense(f, d, (MLP, EMBED), "out_proj", **kw)(y)
     new_cache = None if cache is None else MambaCache(conv_state.astype(cache.conv.dtype), h_last)
@@ -271,7 +270,8 @@ class MambaBlock(nn.Module):
       name="mixer",
       **kw,
     )(h, cache, positions)
-    return nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED)), cache
+    x = tap(self, "output", x + h)
+    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), cache
 
   def init_cache(self, batch: int, max_len: int, extra: int = 0) -> MambaCache:
     """An empty cache; its size does not depend on `max_len`."""

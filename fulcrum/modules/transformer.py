@@ -8,7 +8,7 @@ from jaxtyping import Array, Float, Int
 
 from fulcrum.modules.attention import Attention, KVCache
 from fulcrum.modules.config import ModelConfig
-from fulcrum.modules.layers import BATCH, EMBED, LENGTH, GatedMLP, RMSNorm
+from fulcrum.modules.layers import BATCH, EMBED, LENGTH, GatedMLP, RMSNorm, tap
 
 
 class TransformerBlock(nn.Module):
@@ -33,7 +33,8 @@ class TransformerBlock(nn.Module):
     x = nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED))
     h = RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x)
     h = GatedMLP(c.d_model, c.hidden_dim, "silu", name="mlp", **kw)(h)
-    return nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED)), cache
+    x = tap(self, "output", x + h)  # The residual stream after the block, for attribution.
+    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), cache
 
   def init_cache(self, batch: int, max_len: int, extra: int = 0) -> KVCache:
     c = self.config
