@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -95,3 +96,25 @@ def random_params(model, seed: int):
     return jnp.asarray(x, s.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture
+def cli(capsys):
+  """Runs `fulcrum ARGS` in this process: (exit code, stdout, stderr). Restores the logging
+  `main` reconfigures."""
+  from fulcrum import cli as cli_lib
+
+  names = ("fulcrum", "absl", "orbax", "jax", "grain", "tensorflow_datasets", "etils")
+  saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level) for n in names}
+  saved_propagate = logging.getLogger("fulcrum").propagate
+
+  def run(*args):
+    code = cli_lib.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+  yield run
+  for n, (handlers, level) in saved.items():
+    logging.getLogger(n).handlers[:] = handlers
+    logging.getLogger(n).setLevel(level)
+  logging.getLogger("fulcrum").propagate = saved_propagate

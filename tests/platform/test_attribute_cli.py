@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -68,28 +67,6 @@ def forecast_workdir(tmp_path_factory):
   }
   overrides = [f"{k}={v}" for k, v in values.items()]
   return _train("forecast", overrides, tmp_path_factory.mktemp("attribute_forecast"))
-
-
-@pytest.fixture
-def cli(capsys):
-  """Runs `fulcrum ARGS` in this process: (exit code, stdout, stderr). Restores the logging
-  `main` reconfigures."""
-  from fulcrum import cli as cli_lib
-
-  names = ("fulcrum", "absl", "orbax", "jax", "grain", "tensorflow_datasets", "etils")
-  saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level) for n in names}
-  saved_propagate = logging.getLogger("fulcrum").propagate
-
-  def run(*args):
-    code = cli_lib.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-  yield run
-  for n, (handlers, level) in saved.items():
-    logging.getLogger(n).handlers[:] = handlers
-    logging.getLogger(n).setLevel(level)
-  logging.getLogger("fulcrum").propagate = saved_propagate
 
 
 def run_json(cli, *args) -> dict:

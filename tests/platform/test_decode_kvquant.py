@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -183,28 +182,6 @@ def workdir(tiny_corpus, tmp_path_factory):
   path = tmp_path_factory.mktemp("decode_run")
   trainer.train(config, path)
   return str(path)
-
-
-@pytest.fixture
-def cli(capsys):
-  """Runs `fulcrum ARGS` in this process: (exit code, stdout, stderr). Restores the logging
-  `main` reconfigures."""
-  from fulcrum import cli as cli_lib
-
-  names = ("fulcrum", "absl", "orbax", "jax", "grain", "tensorflow_datasets", "etils")
-  saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level) for n in names}
-  saved_propagate = logging.getLogger("fulcrum").propagate
-
-  def run(*args):
-    code = cli_lib.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-  yield run
-  for n, (handlers, level) in saved.items():
-    logging.getLogger(n).handlers[:] = handlers
-    logging.getLogger(n).setLevel(level)
-  logging.getLogger("fulcrum").propagate = saved_propagate
 
 
 def assert_user_error(result, *fragments):
