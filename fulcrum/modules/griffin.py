@@ -183,6 +183,8 @@ class RGLRU(nn.Module):
     r = jax.nn.sigmoid(BlockDiagonalLinear(self.width, self.num_heads, name="a_gate", **kw)(x))
     log_a = -self.c * r.astype(jnp.float32) * jax.nn.softplus(a_param.astype(jnp.float32))
     a, scale = rg_lru_coefficients(log_a, input_gate, positions == 0)
+    pad = (positions < 0)[..., None]  # Left padding while decoding: h passes unchanged.
+    a, scale = jnp.where(pad, 1.0, a), jnp.where(pad, 0.0, scale)
     x, a, scale = tap(self, "x", x), tap(self, "a", a), tap(self, "input_scale", scale)
     h, h_last = scan.linear_scan(a, scale * x.astype(jnp.float32), h0, impl=self.scan_impl)
     return h.astype(self.dtype), h if self.history else h_last
@@ -249,7 +251,10 @@ class RecurrentBlock(nn.Module):
       name="conv_1d",
       **kw,
     )
-    xs, conv_state = conv(xs, None if cache is None else cache.conv, positions)
+    # Decoding: left padding (position -1, a prefix of each row) is skipped by the conv and the
+    # RG-LRU alike, so a chunk may start with padding anywhere in a sequence.
+    skip = None if cache is None else positions < 0
+    xs, conv_state = conv(xs, None if cache is None else cache.conv, positions, skip)
     rg_lru = RGLRU(
       f,
       self.num_heads,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 Dtype = jnp.dtype
 
@@ -194,6 +194,19 @@ class GatedMLP(nn.Module):
     return dense(f, d, (MLP, EMBED), "down", **kw)(h)
 
 
+def _skip_prefix(xs: Array, skip: Array, held: int) -> Array:
+  """Moves each row's skipped prefix of the chunk in xs = [state (held), chunk] in front of the
+  state, zeroed: [0 (skipped), state, the rest of the chunk], so the state is followed by the
+  first kept input."""
+  n = skip.sum(1)[:, None]  # Skipped inputs per row (a prefix).
+  j = jnp.arange(xs.shape[1])[None]
+  source = jnp.where(j < n + held, jnp.maximum(j - n, 0), j)
+  trailing = (1,) * (xs.ndim - 2)
+  moved = jnp.take_along_axis(xs, source.reshape(source.shape + trailing), axis=1)
+  zero = j < n
+  return jnp.where(zero.reshape(zero.shape + trailing), jnp.zeros((), xs.dtype), moved)
+
+
 class CausalConv1D(nn.Module):
   """Causal depthwise convolution over time (the short conv of Mamba and Griffin's recurrent block).
 
@@ -201,7 +214,9 @@ class CausalConv1D(nn.Module):
   in Mamba's `conv1d` (torch weight [f, 1, w]) and RecurrentGemma's `Conv1D` (w [w, f]).
   The state holds the last w - 1 inputs, so a sequence split into chunks (or single tokens)
   gives the same outputs as one pass. With `positions`, inputs from before a document start
-  (position 0) are masked out, as RecurrentGemma does for packed sequences.
+  (position 0) are masked out, as RecurrentGemma does for packed sequences. With `skip`, the
+  inputs it marks (left padding of a decoded chunk: a prefix of each row) are left out as if
+  they were not there: the state moves past them untouched and the next inputs follow it.
 
   Attributes:
     features: channels f (one filter per channel).
@@ -228,8 +243,11 @@ class CausalConv1D(nn.Module):
     x: Float[Array, "b t f"],
     state: Float[Array, "b w-1 f"] | None = None,
     positions: Int[Array, "b t"] | None = None,
+    skip: Bool[Array, "b t"] | None = None,
   ) -> tuple[Float[Array, "b t f"], Float[Array, "b w-1 f"]]:
     """Convolves x after the inputs held in `state` (zeros: sequence start).
+
+    `skip` marks a prefix of each row to leave out (their outputs are meaningless).
 
     Returns:
       The outputs y [b, t, f] and the new state: the last w - 1 inputs, in this layer's dtype
@@ -252,10 +270,14 @@ class CausalConv1D(nn.Module):
     if state is None:
       state = jnp.zeros((b, w - 1, f), self.dtype)
     xs = jnp.concatenate([state.astype(self.dtype), x.astype(self.dtype)], axis=1)
+    if skip is not None:
+      xs = _skip_prefix(xs, skip, w - 1)
     segment = None
     if positions is not None:
       # Document index of every input; an input contributes only within its own document.
       starts = jnp.concatenate([jnp.zeros((b, w - 1), bool), positions == 0], axis=1)
+      if skip is not None:
+        starts = _skip_prefix(starts, skip, w - 1)
       segment = jnp.cumsum(starts, axis=1)
     y = jnp.broadcast_to(bias.astype(self.dtype), (b, t, f))
     for j in range(w):  # x_{t-j} sits at index w-1-j+t of xs.

@@ -160,8 +160,9 @@ class MambaMixer(nn.Module):
   ) -> tuple[Float[Array, "b t d"], MambaCache | None]:
     """Mixes x over time, continuing from `cache` if given (returns the updated cache).
 
-    With a cache, tokens at positions < 0 (left padding of a batch of prompts) leave the state
-    untouched: their conv input and dt are zeroed, so exp(dt A) = 1 and dt B x = 0.
+    With a cache, tokens at positions < 0 (left padding of a batch of prompts or of a decoded
+    chunk: a prefix of each row) leave the state untouched: the conv skips them and their dt is
+    zeroed, so exp(dt A) = 1 and dt B x = 0.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d, f, n = self.d_model, self.features, self.state_size
@@ -176,7 +177,9 @@ class MambaMixer(nn.Module):
       xs = jnp.where(pad, 0, xs)
     history = self.history and cache is not None
     conv = CausalConv1D(f, self.conv_width, MLP, history=history, name="conv1d", **kw)
-    xs, conv_state = conv(xs, None if cache is None else cache.conv)
+    xs, conv_state = conv(
+      xs, None if cache is None else cache.conv, skip=None if pad is None else pad[..., 0]
+    )
     xs = nn.with_logical_constraint(nn.silu(xs), (BATCH, LENGTH, MLP))
 
     if self.selective:

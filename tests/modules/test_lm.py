@@ -8,6 +8,7 @@ import pytest
 from flax import linen as nn
 
 from fulcrum.modules import LM, ModelConfig, build
+from fulcrum.platform.decode import cache as cache_lib
 
 BASE = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -39,6 +40,44 @@ def test_stepwise_decoding_reproduces_forward(scan_layers, window, tie):
   full = jax.jit(model.apply)({"params": params}, tokens)
   assert full.shape == (2, 10, 61) and full.dtype == jnp.float32
   np.testing.assert_allclose(decode_stepwise(model, params, tokens), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "arch, window, history",
+  [("transformer", 0, False), ("mamba", 0, False), ("mamba", 0, True), ("griffin", 3, True)],
+)
+def test_padding_inside_the_sequence_is_skipped(arch, window, history):
+  """A decoded chunk may start with padding (position -1; a prefix of each row) anywhere in a
+  sequence, not only before the prompt: speculative decoding's first draft call of a round is
+  [last draft token or padding, pending token]. The padding leaves every layer's state
+  untouched: conv windows, SSM and RG-LRU states, attention (a ring buffer for griffin), with
+  `cache_history` too; the logits of the real tokens equal the full pass's."""
+  config = ModelConfig(**BASE, arch=arch, window=window, cache_history=history)
+  model, params, tokens = init(config, t=9)
+  full = jax.jit(build(ModelConfig(**BASE, arch=arch, window=window)).apply)(
+    {"params": params}, tokens
+  )
+  step = jax.jit(lambda p, x, pos, c: model.apply({"params": p}, x, pos, c, method=LM.decode))
+  cache = model.init_cache(2, 9, 4)
+  # Per row, the real tokens of each chunk ([start, end) of the sequence); chunks are as wide as
+  # the longer row's plus one, so each row gets its own number (1 to 3) of padding slots first.
+  splits = [[(0, 3), (3, 4), (4, 6), (6, 9)], [(0, 1), (1, 4), (4, 5), (5, 9)]]
+  outs = [[], []]
+  for chunk in zip(*splits, strict=True):
+    width = 1 + max(end - start for start, end in chunk)
+    x = np.full((2, width), 7, np.int32)  # Padding holds any token: it must not matter.
+    pos = np.full((2, width), -1, np.int32)
+    for r, (start, end) in enumerate(chunk):
+      x[r, width - (end - start) :] = tokens[r, start:end]
+      pos[r, width - (end - start) :] = np.arange(start, end)
+    logits, cache = step(params, jnp.asarray(x), jnp.asarray(pos), cache)
+    if history:  # Keep the state after the last token (as speculative decoding does).
+      ends = jnp.asarray([end for _, end in chunk])
+      cache = cache_lib.commit(cache, jnp.full((2,), width - 1), ends)
+    for r, (start, end) in enumerate(chunk):
+      outs[r].append(logits[r, width - (end - start) :])
+  got = jnp.stack([jnp.concatenate(o) for o in outs])
+  np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
 
 
 def test_scan_and_unrolled_layers_agree():

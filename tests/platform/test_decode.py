@@ -42,6 +42,7 @@ CONFIGS = {
 # gaps > 1e-3 (`reference` and test 1 check them).
 SEEDS = {"transformer": 2, "mamba": 2, "hawk": 5, "griffin": 5}
 LOOKAHEAD = (4, 3, 3)  # W, N, G.
+LOOKAHEAD_ONE_ROW = (5, 3, 0)  # G = 0: one row, pool n-grams chained into the window.
 GAMMA = 3
 
 
@@ -136,6 +137,8 @@ def _kwargs(name: str, kind: str) -> dict:
     return dict(strategy="sample", sampling=Sampling(1.0, top_k=1))
   if kind == "lookahead":
     return dict(strategy="lookahead", lookahead=LOOKAHEAD)
+  if kind == "lookahead_one_row":
+    return dict(strategy="lookahead", lookahead=LOOKAHEAD_ONE_ROW)
   if name == "transformer":  # speculative, draft_only
     alpha = -1.0 if kind == "speculative" else 1.0  # chow: defer iff max q < 1 - alpha.
     return dict(
@@ -155,10 +158,10 @@ def decoded(name: str, kind: str):
 
 
 RUNS = {
-  "transformer": ("greedy", "speculative"),  # The scan_layers model.
+  "transformer": ("greedy", "speculative", "lookahead_one_row"),  # The scan_layers model.
   "mamba": ("greedy",),  # Also the draft of the transformer's cascade runs.
   "hawk": ("sampled_top_1", "lookahead"),  # Also the draft of griffin's speculative run.
-  "griffin": ("greedy", "lookahead", "speculative"),  # Local attention, window 4.
+  "griffin": ("greedy", "lookahead", "lookahead_one_row", "speculative"),  # Local, window 4.
 }
 
 
@@ -175,12 +178,14 @@ def test_greedy_lookahead_and_speculative_equal_naive_greedy(name):
   assert [r.tolist() for r in greedy.rows()] == want.tolist()
   assert greedy.target_calls == NEW and greedy.draft_calls == 0
 
-  if "lookahead" in RUNS[name]:
-    look = decoded(name, "lookahead")
+  for kind, (w, n, _) in (("lookahead", LOOKAHEAD), ("lookahead_one_row", LOOKAHEAD_ONE_ROW)):
+    if kind not in RUNS[name]:
+      continue
+    look = decoded(name, kind)
     np.testing.assert_array_equal(look.tokens, want)
     np.testing.assert_array_equal(look.lengths, [NEW] * 3)
     assert 1 <= look.target_calls <= greedy.target_calls
-    width = max(LOOKAHEAD[0], LOOKAHEAD[1])  # At most this many tokens a step, 1 at prefill.
+    width = max(w, n)  # At most this many tokens a step, 1 at prefill.
     assert 1 + (look.target_calls - 1) * width >= NEW
     assert look.draft_calls == 0
 
@@ -191,8 +196,11 @@ def test_greedy_lookahead_and_speculative_equal_naive_greedy(name):
     np.testing.assert_array_equal(spec.lengths, lengths)
     assert 1 <= spec.target_calls <= greedy.target_calls
     assert 1 + (spec.target_calls - 1) * (GAMMA + 1) >= lengths.max()
-    # The draft prefills once, then runs gamma + 1 steps a round.
-    assert spec.draft_calls == 1 + (spec.target_calls - 1) * (GAMMA + 1)
+    # The draft prefills once, then runs gamma + 1 calls a cascade round (the cascade's q at the
+    # bonus position) and gamma a speculative one (the last draft is read with the next round's
+    # first token).
+    cascade = _kwargs(name, "speculative")["strategy"] == "cascade"
+    assert spec.draft_calls == 1 + (spec.target_calls - 1) * (GAMMA + cascade)
 
 
 def _has_repeats(row, n: int) -> bool:
@@ -218,6 +226,11 @@ def test_lookahead_takes_several_tokens_a_call_when_the_output_repeats():
   look = generate(m, params, prompts, NEW, strategy="lookahead", lookahead=LOOKAHEAD)
   np.testing.assert_array_equal(look.tokens, want)
   assert look.target_calls <= 4, (look.target_calls, want)  # > 2 tokens a call.
+  # One row (G = 0): the window starts with the pool's n-grams chained (each continuing from
+  # the last token of the one before), so a periodic continuation fills all W - 1 guesses.
+  one_row = generate(m, params, prompts, NEW, strategy="lookahead", lookahead=LOOKAHEAD_ONE_ROW)
+  np.testing.assert_array_equal(one_row.tokens, want)
+  assert one_row.target_calls <= 3, (one_row.target_calls, want)  # > 3 tokens a call.
 
 
 # Speculative sampling and cascades: many samples of one prompt in one call, compared with the

@@ -12,6 +12,15 @@ Each step runs one forward pass over 1 + G rows that share the accepted prefix:
                     prompt's n-grams, and fed the lookahead branch's n-grams and the n-grams of
                     the accepted output).
 
+One row (G = 0), for machines with few spare FLOPs (a CPU, where a pass over k tokens costs
+up to k times one token's compute): the window's first guesses are the n-grams the pool holds,
+chained — the freshest continuation of the pending token, then the freshest continuation of
+its last token, and so on while the pool has one — and the Jacobi iterate fills the rest. The
+Jacobi diagonals then only fill keys the accepted output has not (the output's n-grams, which
+repeat far more often than Jacobi guesses, are never displaced by them). A step costs one pass
+over max(W, N) tokens and no cache copy; on the benchmark's CPU target (6, 6, 0) takes more
+tokens per step than (4, 4, 1) in fewer tokens per pass (`benchmarks/bench_decode.py`).
+
 Every row, the Jacobi row included, is checked against the model's own greedy predictions:
 the longest prefix that matches them is accepted, plus the model's next token, so each step
 emits at least one token and exactly the greedy tokens (the invariant the tests check).
@@ -32,14 +41,16 @@ from fulcrum.platform.decode import cache as cache_lib
 from fulcrum.platform.decode.generate import emit, empty_output, prefill, with_history
 
 
-def insert_ngrams(pool, count, grams, valid):
-  """Adds n-grams to the pool unless already there (sequentially, in order).
+def insert_ngrams(pool, count, grams, valid, weak=None):
+  """Adds n-grams to the pool unless already there (sequentially, in order); `weak` ones only
+  where the pool holds nothing yet for their first token.
 
   Args:
     pool: [b, v, g, n-1] continuations per first token (-1 = empty slot).
     count: [b, v] insertions so far per first token (the next slot is count mod g).
     grams: [b, k, n] n-grams.
     valid: [b, k] which n-grams to add.
+    weak: [b, k] n-grams that must not displace any held for their first token.
   """
   rows = jnp.arange(pool.shape[0])
   slots = pool.shape[2]
@@ -49,6 +60,8 @@ def insert_ngrams(pool, count, grams, valid):
     first, rest = grams[:, i, 0], grams[:, i, 1:]
     held = pool[rows, first]  # [b, g, n-1]
     new = valid[:, i] & ~(held == rest[:, None]).all(-1).any(-1)
+    if weak is not None:
+      new &= ~weak[:, i] | (count[rows, first] == 0)
     slot = count[rows, first] % slots
     current = pool[rows, first, slot]
     pool = pool.at[rows, first, slot].set(jnp.where(new[:, None], rest, current))
@@ -56,7 +69,9 @@ def insert_ngrams(pool, count, grams, valid):
 
   if slots == 0 or grams.shape[1] == 0:
     return pool, count
-  return jax.lax.fori_loop(0, grams.shape[1], add, (pool, count))
+  # Up to the last n-gram any row adds (the output's come last, valid up to the accepted count).
+  upper = jnp.max(jnp.where(valid.any(0), jnp.arange(grams.shape[1]) + 1, 0))
+  return jax.lax.fori_loop(0, upper, add, (pool, count))
 
 
 def _windows(seq, n: int):
@@ -107,7 +122,8 @@ def lookahead_decode(
   verifier = with_history(model)
 
   # Pool seeded with the prompt's n-grams (and the one ending at the first new token).
-  pool = jnp.full((batch, vocab, g, n - 1), -1, jnp.int32)
+  slots = max(g, 1)  # G = 0 still keeps the freshest n-gram per key (it seeds the window).
+  pool = jnp.full((batch, vocab, slots, n - 1), -1, jnp.int32)
   count = jnp.zeros((batch, vocab), jnp.int32)
   seq = jnp.concatenate([tokens, first[:, None]], axis=1)
   seq_pos = jnp.concatenate([positions, positions[:, -1:] + 1], axis=1)
@@ -123,14 +139,27 @@ def lookahead_decode(
     cache, pending, pos, levels, pool, count, recent, out, calls = state
     jacobi = levels[:, -1, : w - 1]
     jacobi = jnp.pad(jacobi, ((0, 0), (0, width - w)), constant_values=-1)
-    verify = jnp.pad(pool[rows, pending], ((0, 0), (0, 0), (0, width - n)), constant_values=-1)
-    guesses = jnp.concatenate([jacobi[:, None], verify], axis=1)  # [b, 1 + g, width - 1]
+    held = jnp.pad(pool[rows, pending], ((0, 0), (0, 0), (0, width - n)), constant_values=-1)
+    if g == 0:
+      # One row: the freshest n-gram the pool holds for the pending token, chained (the freshest
+      # one for its last token, ...) while the pool holds one, takes the window's first guesses;
+      # the Jacobi iterate fills the rest.
+      chain, ok, key = [], jnp.ones((batch,), bool), pending
+      for _ in range(-(-(width - 1) // (n - 1))):
+        ok = ok & (count[rows, key] > 0)
+        gram = pool[rows, key, (count[rows, key] - 1) % slots]
+        chain.append(jnp.where(ok[:, None], gram, -1))
+        key = gram[:, -1]
+      chain = jnp.concatenate(chain, axis=1)[:, : width - 1]
+      guesses = jnp.where(chain >= 0, chain, jacobi)[:, None]
+    else:
+      guesses = jnp.concatenate([jacobi[:, None], held], axis=1)  # [b, 1 + g, width - 1]
     inputs = jnp.concatenate(
       [jnp.broadcast_to(pending[:, None, None], (batch, num_rows, 1)), jnp.maximum(guesses, 0)],
       axis=-1,
     ).reshape(batch * num_rows, width)
     chunk_pos = jnp.repeat(pos[:, None] + jnp.arange(width), num_rows, axis=0)
-    expanded = cache_lib.take_rows(cache, jnp.repeat(rows, num_rows))
+    expanded = cache_lib.take_rows(cache, jnp.repeat(rows, num_rows)) if num_rows > 1 else cache
     logits, history = verifier.apply(
       {"params": params}, inputs, chunk_pos, expanded, method="decode"
     )
@@ -147,11 +176,11 @@ def lookahead_decode(
     length = pos + a + 1
     flat_best = rows * num_rows + best
     kept = cache_lib.commit(history, jnp.repeat(a, num_rows), jnp.repeat(length, num_rows))
-    cache = cache_lib.take_rows(kept, flat_best)
+    cache = cache_lib.take_rows(kept, flat_best) if num_rows > 1 else kept
 
     # n-grams: the lookahead branch's diagonals, then those ending at each accepted token.
     iterate = predicted[:, 0, :w]  # Guesses for positions pos + 1 .. pos + w.
-    grams, valid = [], []
+    grams, valid, weak = [], [], []
     if w >= n:
       diag = jnp.stack(
         [levels[:, i, i : w - n + 1 + i] for i in range(n - 1)] + [iterate[:, n - 1 :]], axis=-1
@@ -159,11 +188,17 @@ def lookahead_decode(
       grams.append(diag)
       # Only once every level holds an iterate (the first levels are filler).
       valid.append(jnp.broadcast_to(calls >= n, diag.shape[:2]))
+      weak.append(jnp.full(diag.shape[:2], g == 0))
     tail = jnp.concatenate([recent, new], axis=1)  # [b, n - 1 + width]
     grams.append(_windows(tail, n)[:, :width])
     valid.append(j[None, :] <= a[:, None])
+    weak.append(jnp.zeros((batch, width), bool))
     pool, count = insert_ngrams(
-      pool, count, jnp.concatenate(grams, axis=1), jnp.concatenate(valid, axis=1)
+      pool,
+      count,
+      jnp.concatenate(grams, axis=1),
+      jnp.concatenate(valid, axis=1),
+      jnp.concatenate(weak, axis=1),
     )
     recent = jnp.take_along_axis(tail, (a + 1)[:, None] + jnp.arange(n - 1), axis=1)
     levels = _shift_left(jnp.concatenate([levels[:, 1:], iterate[:, None]], axis=1), a + 1)

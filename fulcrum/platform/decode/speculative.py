@@ -18,6 +18,11 @@ of the two argmax one-hots.
 Rows accept different numbers of tokens: caches hold per-row positions, the target verifies
 with `cache_history` and keeps the state after its last accepted token, and the draft stacks
 its recurrent states over the round's steps to roll back to the same point.
+
+Draft calls: γ a round. When every draft is accepted the draft has not read d_γ yet; the next
+round's first draft call reads it together with the new pending token (a 2-token chunk whose
+first slot is padding, position -1, in rounds that rejected a draft — every layer skips it).
+A cascade runs one more draft step a round: its π mixes in q at the bonus position too.
 """
 
 from __future__ import annotations
@@ -86,6 +91,11 @@ def speculative_decode(
   """The speculative / cascade loop; see `generate` for the arguments."""
   batch, t = tokens.shape
   chunk = gamma + 1
+  # Draft steps per round. A cascade needs q at the bonus position too (its π mixes q and p
+  # there), so its draft also reads the last draft token. Plain speculative decoding does not:
+  # when all γ drafts are accepted, the next round's first draft step reads the last draft
+  # token and the new pending token together (one 2-token call instead of one more step).
+  steps = chunk if rule != "target" else gamma
   max_len = t + max_new_tokens + chunk
   p_last, cache_t = prefill(model, params, tokens, positions, max_len, chunk, kv_quant)
   q_last, cache_d = prefill(draft_model, draft_params, tokens, positions, max_len, chunk)
@@ -102,25 +112,37 @@ def speculative_decode(
   out = emit(empty_output(batch, max_new_tokens), first[:, None], ones, stop_tokens)
   rows = jnp.arange(batch)
 
-  def draft_step(carry, j):
-    cache, token, pos, k = carry
+  def draft_call(cache, chunk_tokens, chunk_pos, k, j):
     logits, cache = draft_model.apply(
-      {"params": draft_params}, token[:, None], (pos + j)[:, None], cache, method="decode"
+      {"params": draft_params}, chunk_tokens, chunk_pos, cache, method="decode"
     )
     logits = logits[:, -1]
     q = probabilities(logits, sampling)
     nxt = draw_from(jax.random.fold_in(k, j), q)
-    return (cache, nxt, pos, k), (nxt, q, logits, cache_lib.recurrent_part(cache))
+    return cache, (nxt, q, logits, cache_lib.recurrent_part(cache))
+
+  def draft_step(carry, j):
+    cache, token, pos, k = carry
+    cache, outputs = draft_call(cache, token[:, None], (pos + j)[:, None], k, j)
+    return (cache, outputs[0], pos, k), outputs
 
   def body(state):
-    cache_t, cache_d, pending, pos, out, calls, rnd = state
+    cache_t, cache_d, pending, carried, pos, out, calls, rnd = state
     k_draft, k_accept, k_fix = jax.random.split(jax.random.fold_in(key, rnd), 3)
-    # γ + 1 draft steps: the last one's state is where the draft must be if all γ are accepted,
-    # and its distribution is the cascade's q for the bonus position.
-    (cache_d, _, _, _), (drafts, qs, q_logits, saved) = jax.lax.scan(
-      draft_step, (cache_d, pending, pos, k_draft), jnp.arange(chunk)
+    # The first draft call reads the previous round's last draft token when it was accepted
+    # and not yet read (position -1, i.e. skipped, otherwise) followed by the pending token.
+    first_tokens = jnp.stack([carried[0], pending], axis=1)
+    first_pos = jnp.stack([jnp.where(carried[1], pos - 1, -1), pos], axis=1)
+    cache_d, step0 = draft_call(cache_d, first_tokens, first_pos, k_draft, 0)
+    (cache_d, _, _, _), later = jax.lax.scan(
+      draft_step, (cache_d, step0[0], pos, k_draft), jnp.arange(1, steps)
     )
+    stacked = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), step0, later)
+    drafts, qs, q_logits, saved = stacked
     drafts, qs, q_logits = drafts.T, qs.swapaxes(0, 1), q_logits.swapaxes(0, 1)
+    if steps < chunk:  # No q at the bonus position: never read (π = p there, see below).
+      qs = jnp.pad(qs, ((0, 0), (0, chunk - steps), (0, 0)))
+      q_logits = jnp.pad(q_logits, ((0, 0), (0, chunk - steps), (0, 0)))
     chunk_tokens = jnp.concatenate([pending[:, None], drafts[:, :gamma]], axis=1)
     chunk_pos = pos[:, None] + jnp.arange(chunk)
     p_logits, history = verifier.apply(
@@ -146,19 +168,25 @@ def speculative_decode(
     use_pi = (n == gamma)[:, None] | (mass <= 0)
     fix_dist = jnp.where(use_pi, pi_n, residual / jnp.maximum(mass, 1e-30))
     fix = draw_from(k_fix, fix_dist)
-    new = jnp.where(jnp.arange(chunk) == n[:, None], fix[:, None], drafts)
+    proposed_and_fix = jnp.pad(proposed, ((0, 0), (0, 1)))
+    new = jnp.where(jnp.arange(chunk) == n[:, None], fix[:, None], proposed_and_fix)
     out = emit(out, new, n + 1, stop_tokens)
 
     length = pos + n + 1
     cache_t = cache_lib.commit(history, n, length)
-    cache_d = cache_lib.restore(cache_d, saved, n, length)
-    return cache_t, cache_d, fix, length, out, calls + 1, rnd + 1
+    # The draft read pending, d_1 .. d_read: keep the state after d_min(n, read).
+    kept = jnp.minimum(n, steps - 1)
+    cache_d = cache_lib.restore(cache_d, saved, kept, pos + kept + 1)
+    carried = (drafts[:, gamma - 1], n > kept)
+    return cache_t, cache_d, fix, carried, length, out, calls + 1, rnd + 1
 
   def cond(state):
-    return ~state[4].done.all()
+    return ~state[5].done.all()
 
   pos = positions[:, -1] + 1
-  state = (cache_t, cache_d, first, pos, out, jnp.ones((), jnp.int32), jnp.ones((), jnp.int32))
+  carried = (jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
+  one = jnp.ones((), jnp.int32)
+  state = (cache_t, cache_d, first, carried, pos, out, one, one)
   state = jax.lax.while_loop(cond, body, state)
-  out, calls = state[4], state[5]
-  return out, calls, (calls - 1) * chunk + 1
+  out, calls = state[5], state[6]
+  return out, calls, (calls - 1) * steps + 1
