@@ -72,6 +72,10 @@ def unoptimised_compiles():
   jax.config.update("jax_disable_most_optimizations", before)
 
 
+# The same setting for a subprocess (`fulcrum train`, a notebook kernel): its environment.
+UNOPTIMISED_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
 def random_params(model, seed: int):
   """Gaussian parameters of `model`'s shapes (no compiled init: it costs seconds a model), with
   long-memory recurrences: RG-LRU decays a^8 in [0.9, 0.999] as initialised, and Mamba's

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import UNOPTIMISED_ENV, run_cli, tiny_overrides
+
+# XLA's optimisation passes off for the tiny models trained and evaluated here (in process too).
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
 
 
 def assert_user_error(result, *fragments):
@@ -22,6 +26,12 @@ def assert_user_error(result, *fragments):
 
 def sets(items):
   return [arg for item in items for arg in ("--set", item)]
+
+
+def in_process(cli, args):
+  """`fulcrum ARGS` run by the `cli` fixture (no new interpreter), as a CompletedProcess."""
+  code, out, err = cli(*args)
+  return subprocess.CompletedProcess(args, code, out, err)
 
 
 def test_recipes_lists_every_recipe():
@@ -73,8 +83,10 @@ def test_recipes_lists_every_recipe():
     (["bench", "nope"], ["unknown benchmark 'nope'", "train"]),
   ],
 )
-def test_bad_input_exits_2_with_one_line(args, fragments):
-  assert_user_error(run_cli(args), *fragments)
+def test_bad_input_exits_2_with_one_line(args, fragments, cli):
+  # In this process: each case is `main`'s validation; a real process's exit status and bare
+  # stderr are checked by the tests below, through the same `raise SystemExit(main())`.
+  assert_user_error(in_process(cli, args), *fragments)
 
 
 def test_unwritable_workdir(tmp_path):
@@ -117,7 +129,9 @@ def test_missing_dataset(tmp_path):
   assert_user_error(result, "no_such_dataset_xyz")
 
 
-def test_train_eval_decode_round_trip(tiny_corpus, tmp_path):
+def test_train_eval_decode_round_trip(tiny_corpus, tmp_path, cli):
+  """`fulcrum train`, `eval` and `decode` as real processes; the reruns and refusals in between
+  run in this one (the same `main`, without starting Python and JAX again)."""
   workdir = str(tmp_path / "run")
   result = run_cli(
     [
@@ -127,13 +141,15 @@ def test_train_eval_decode_round_trip(tiny_corpus, tmp_path):
       "--workdir",
       workdir,
       *sets(tiny_overrides(tiny_corpus, **{"train.steps": 6})),
-    ]
+    ],
+    env=UNOPTIMISED_ENV,
   )
   assert result.returncode == 0, result.stderr
   assert "bits_per_byte" in result.stdout and "metrics.jsonl" in result.stdout
   assert "tensorboard" in result.stdout
 
-  again = run_cli(
+  again = in_process(
+    cli,
     [
       "train",
       "--recipe",
@@ -141,11 +157,12 @@ def test_train_eval_decode_round_trip(tiny_corpus, tmp_path):
       "--workdir",
       workdir,
       *sets(tiny_overrides(tiny_corpus, **{"train.steps": 6})),
-    ]
+    ],
   )
   assert again.returncode == 0 and "already trained" in again.stderr
 
-  changed = run_cli(
+  changed = in_process(
+    cli,
     [
       "train",
       "--recipe",
@@ -153,11 +170,12 @@ def test_train_eval_decode_round_trip(tiny_corpus, tmp_path):
       "--workdir",
       workdir,
       *sets(tiny_overrides(tiny_corpus, **{"model.d_model": 64})),
-    ]
+    ],
   )
   assert_user_error(changed, "different model", "model.d_model")
   # Another optimizer would not fit the checkpointed state: refused, checkpoints kept.
-  other_optimizer = run_cli(
+  other_optimizer = in_process(
+    cli,
     [
       "train",
       "--recipe",
@@ -165,21 +183,22 @@ def test_train_eval_decode_round_trip(tiny_corpus, tmp_path):
       "--workdir",
       workdir,
       *sets(tiny_overrides(tiny_corpus, **{"train.steps": 8, "optimizer.name": "galore"})),
-    ]
+    ],
   )
   assert_user_error(other_optimizer, "optimizer state", "optimizer.name: 'adamw' -> 'galore'")
   assert not list(Path(workdir, "checkpoints").glob("corrupt-*"))
 
-  ev = run_cli(["eval", "--workdir", workdir, "--json"])
+  ev = run_cli(["eval", "--workdir", workdir, "--json"], env=UNOPTIMISED_ENV)
   assert ev.returncode == 0, ev.stderr
   metrics = json.loads(ev.stdout)
   assert metrics["step"] == 6 and metrics["eval/bits_per_byte"] > 0
 
   dec = run_cli(
-    ["decode", "--workdir", workdir, "--prompt", "def f(", "--max-new-tokens", "8", "--json"]
+    ["decode", "--workdir", workdir, "--prompt", "def f(", "--max-new-tokens", "8", "--json"],
+    env=UNOPTIMISED_ENV,
   )
   assert dec.returncode == 0, dec.stderr
   out = json.loads(dec.stdout)
   assert len(out["tokens"]) == 8 and isinstance(out["text"], str)
 
-  assert_user_error(run_cli(["decode", "--workdir", workdir, "--prompt", ""]), "empty")
+  assert_user_error(in_process(cli, ["decode", "--workdir", workdir, "--prompt", ""]), "empty")

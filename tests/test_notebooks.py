@@ -5,13 +5,16 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, UNOPTIMISED_ENV, tiny_overrides
 
 
 def execute(name: str, overrides: list[str], workdir: Path, monkeypatch) -> tuple[str, bool]:
-  """Runs notebooks/NAME with the test overrides; returns (printed text, whether it plotted)."""
+  """Runs notebooks/NAME with the test overrides; returns (printed text, whether it plotted).
+  The kernel compiles the tiny models without XLA's optimisation passes (UNOPTIMISED_ENV)."""
   monkeypatch.setenv("FULCRUM_NOTEBOOK_OVERRIDES", ";".join(overrides))
   monkeypatch.setenv("FULCRUM_NOTEBOOK_WORKDIR", str(workdir))
+  for key, value in UNOPTIMISED_ENV.items():
+    monkeypatch.setenv(key, value)
   nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
   NotebookClient(
     nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}

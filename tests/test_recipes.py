@@ -7,6 +7,9 @@ from fulcrum import recipes
 from fulcrum.platform import config as config_lib
 from fulcrum.platform import trainer
 
+# One step of each recipe: compiling dominates, so XLA's optimisation passes are off.
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
+
 
 def test_names_and_descriptions():
   assert {"demo", "lm_transformer"} <= set(recipes.names())

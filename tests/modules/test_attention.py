@@ -13,6 +13,9 @@ from fulcrum.modules.attention import (
   reference_attention,
 )
 
+# Small models and many short programs: XLA's optimisation passes would dominate the runtime.
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
+
 
 def naive_attention(q, k, v, window):
   """Loop-over-queries attention in numpy: the oracle for the oracle."""

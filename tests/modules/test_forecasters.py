@@ -18,6 +18,9 @@ from fulcrum.modules.forecasting import (
   moving_average,
 )
 
+# Small models and many short programs: XLA's optimisation passes would dominate the runtime.
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
+
 B, L, H, C = 3, 40, 7, 4
 RTOL, ATOL = 1e-5, 1e-5
 

@@ -13,6 +13,9 @@ from fulcrum.modules import LM, ModelConfig, build
 from fulcrum.modules.mamba import MambaBlock, MambaCache
 from fulcrum.modules.scan import ScanImpl
 
+# Small models and many short programs: XLA's optimisation passes would dominate the runtime.
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
+
 BASE = dict(arch="mamba", vocab_size=29, d_model=16, num_layers=2, ssm_state=4)
 B, T = 2, 10
 
