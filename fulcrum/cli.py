@@ -15,6 +15,7 @@ User errors exit with status 2 and one line naming the problem and the fix.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -358,7 +359,10 @@ def _cmd_bench(args) -> int:
   if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))
   module = importlib.import_module(f"benchmarks.bench_{args.name}")
-  result = module.run(quick=args.quick)
+  # What a benchmark prints while it runs (training runs' eval lines) goes to stderr: stdout
+  # holds only the result, so `--json` output parses.
+  with contextlib.redirect_stdout(sys.stderr):
+    result = module.run(quick=args.quick)
   markdown = result.pop("markdown", "")
   print(json.dumps(result, indent=2) if args.json else markdown)
   return 0

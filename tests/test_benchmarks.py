@@ -161,14 +161,17 @@ def test_decode_summary_goals_and_table():
   summary["kvquant3_ppl_ratio"] = 1.07
   met = bench_decode.goals(summary)
   assert not met["kvquant3_ppl_ratio"] and not met["kvquant3_beats_int3"]
-  target = {"params_m": 1.0, "decoding": decoding, "kv_cache": kv, "draft_size_ratio": 10.0,
-            "goals": met}  # fmt: skip
-  config = dict(draft_params_m=0.1, prompts=2, prompt_len=8, new_tokens=8, lookahead="4,4,1",
+  target = {"params_m": 1.0, "draft": "d", "draft_params_m": 0.1, "decoding": decoding,
+            "kv_cache": kv, "draft_size_ratio": 10.0, "goals": met,
+            "pass_ms": {"target 1": 2.0, "target 2": 1.7, "draft 1": 0.1}}  # fmt: skip
+  config = dict(repeats=3, prompts=2, prompt_len=8, new_tokens=8, lookahead="4,4,1",
                 gamma=4, cascade="opt, α = 0.1")  # fmt: skip
   md = bench_decode.markdown({"config": config, "device": "test", "targets": {"t": target}})
   assert "| lookahead | 140.0 | 1.40 | 2.50 | 0.00 | -1.000 | yes |" in md
   assert "| kvquant3 | 220 | 4.65x | 10.1000 | 1.0100 |" in md
   assert "kvquant3_ppl_ratio **not met**" in md
+  assert "draft `d`, 0.1M, 10.0x smaller" in md and "fastest of 3 interleaved runs" in md
+  assert "| target, 2 tokens | 1.700 | 0.85 |" in md and "| draft, 1 token | 0.100 | 0.05 |" in md
 
 
 @pytest.mark.usefixtures("unoptimised_compiles")

@@ -202,3 +202,28 @@ def test_train_eval_decode_round_trip(tiny_corpus, tmp_path, cli):
   assert len(out["tokens"]) == 8 and isinstance(out["text"], str)
 
   assert_user_error(in_process(cli, ["decode", "--workdir", workdir, "--prompt", ""]), "empty")
+
+
+def test_bench_json_stdout_is_only_the_result(cli, monkeypatch):
+  """What a benchmark prints while it runs (its training runs' eval lines) goes to stderr, so
+  `fulcrum bench NAME --json` prints parseable JSON."""
+  import importlib
+  import types
+
+  def run(quick):
+    print("step 40: loss 2.9")  # As a training run's eval line does.
+    return {"speedup": 1.5, "quick": quick, "markdown": "| table |"}
+
+  real = importlib.import_module
+  fake = types.SimpleNamespace(run=run)
+  monkeypatch.setattr(
+    importlib,
+    "import_module",
+    lambda name, *a: fake if name == "benchmarks.bench_scan" else real(name, *a),
+  )
+  code, out, err = cli("bench", "scan", "--quick", "--json")
+  assert code == 0
+  assert json.loads(out) == {"speedup": 1.5, "quick": True}
+  assert "step 40: loss 2.9" in err
+  code, out, _ = cli("bench", "scan", "--quick")
+  assert code == 0 and out.strip() == "| table |"

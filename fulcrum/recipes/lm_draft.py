@@ -9,6 +9,10 @@ cores).
   fulcrum train --recipe lm_draft --workdir runs/lm_draft
   fulcrum decode --workdir runs/demo --draft-workdir runs/lm_draft --strategy speculative \\
     --prompt 'def __init__(self'
+
+It drafts for the 9.5M `lm_transformer` too (58x smaller): `fulcrum bench decode` measures
+1.76x greedy's tokens/s with it on 2 CPU cores. Widened to 128 × 4 layers (0.82M) it gets no
+more tokens accepted there and its call costs 4x as much, so it is slower (1.14x).
 """
 
 from fulcrum.platform.config import byte_lm_config

@@ -12,6 +12,9 @@ from fulcrum.platform.decode import cache as cache_lib
 
 BASE = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2)
 
+# Many small programs, each run for microseconds: XLA's optimisation passes would dominate.
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
+
 
 def init(config, t=10):
   model = build(config)
