@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from benchmarks import bench_decode_latency, bench_scaling
+from fulcrum.benchmarks import bench_decode_latency, bench_scaling
 
 ARCHS = {"transformer", "mamba", "griffin", "hawk"}
 
@@ -76,7 +76,7 @@ def test_benchmark_models_attend_as_documented():
 
 def test_optim_ratios_and_table():
   """`bench optim`'s ratios divide each run's figures by AdamW's; the table shows every run."""
-  from benchmarks import bench_optim
+  from fulcrum.benchmarks import bench_optim
 
   def row(state, step, loss, peak=100.0):
     return {
@@ -121,7 +121,7 @@ def test_optim_ratios_and_table():
 
 def test_decode_summary_goals_and_table():
   """`bench decode`'s headline keys are ratios of the measured rows, and the goals read them."""
-  from benchmarks import bench_decode
+  from fulcrum.benchmarks import bench_decode
 
   def strategy(tokens_per_s, per_call, draft=0.0, equal=None):
     r = {
@@ -184,8 +184,8 @@ def test_attribution_tables_cover_every_architecture_and_method(monkeypatch):
 
   import numpy as np
 
-  from benchmarks import bench_attribution as ba
   from fulcrum import modules
+  from fulcrum.benchmarks import bench_attribution as ba
   from fulcrum.platform.attribution import Attribution, Subject, faithfulness
   from tests.conftest import random_params
 

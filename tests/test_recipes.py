@@ -5,7 +5,8 @@ import pytest
 
 from fulcrum import recipes
 from fulcrum.platform import config as config_lib
-from fulcrum.platform import trainer
+from fulcrum.platform import sections
+from fulcrum.platform.training import trainer
 
 # One step of each recipe: compiling dominates, so XLA's optimisation passes are off.
 pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
@@ -20,7 +21,7 @@ def test_names_and_descriptions():
 @pytest.mark.parametrize("name", recipes.names())
 def test_recipe_builds_and_runs_a_step(name, tiny_corpus):
   config = recipes.get(name)
-  config_lib.validate(config)
+  sections.validate(config)
   # Real model sizes, a small batch (and short text sequences): the recipe must build and
   # take a step on a batch from its own task's data pipeline, as written.
   overrides = ["train.batch_size=2", "train.grad_accum_steps=1"]
@@ -36,7 +37,7 @@ def test_recipe_builds_and_runs_a_step(name, tiny_corpus):
   step = trainer.jit_train_step(exp)
   batch = next(exp.task.train_iterator(0, 1))
   with exp.activate():
-    state, metrics = step(state, trainer._global_batch(exp, batch))
+    state, metrics = step(state, trainer.global_batch(exp, batch))
   assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
 
 

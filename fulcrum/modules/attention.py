@@ -21,7 +21,6 @@ from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
 from fulcrum.modules import kvquant
-from fulcrum.modules.config import ModelConfig
 from fulcrum.modules.layers import (
   BATCH,
   EMBED,
@@ -33,6 +32,7 @@ from fulcrum.modules.layers import (
   rope,
   tap,
 )
+from fulcrum.modules.model_config import ModelConfig
 
 
 def rotary_dims(head_dim: int, fraction: float) -> int:

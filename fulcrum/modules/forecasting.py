@@ -8,7 +8,7 @@ c channels (series variables).
   DLinear             trend = moving average of x (kernel k, stride 1, edges replicated),
                       seasonal = x - trend, ŷ = W_s seasonal + W_t trend along time (Sec. 3).
   NLinear             ŷ = W (x - x_l) + x_l, x_l the last input step (Sec. 3).
-  SequenceForecaster  the blocks of `fulcrum.modules.lm.BLOCKS[arch]` (transformer, mamba, hawk,
+  SequenceForecaster  the blocks of `fulcrum.modules.blocks.BLOCKS[arch]` (transformer, mamba, hawk,
                       griffin) over the window; see its docstring for the design.
 
 `individual=True` gives each channel its own time-mixing weights (the paper's per-variate
@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jaxtyping import Array, Float
 
-from fulcrum.modules import lm
-from fulcrum.modules.config import ModelConfig
+from fulcrum.modules.blocks import BLOCK_ARCHS, block_name, block_pattern
 from fulcrum.modules.layers import EMBED, RMSNorm, dense
+from fulcrum.modules.model_config import ModelConfig
 
 # Logical axis names of forecasting parameters. The mesh rules do not name them, so these
 # (small) axes stay replicated; the d_model axis is `embed` like everywhere else.
@@ -178,7 +178,7 @@ class NLinear(nn.Module):
 
 
 class SequenceForecaster(nn.Module):
-  """A forecaster over the block stack of `config.arch` (any `fulcrum.modules.lm.BLOCKS` entry).
+  """A forecaster over the block stack of `config.arch` (any `fulcrum.modules.blocks.BLOCKS` entry).
 
   x - mean(x) → per-step input projection c → d → `num_layers` blocks (causal, unrolled) → final
   RMSNorm → a linear head (zero-initialised) from the last step's hidden state to [o, c] → + x_l.
@@ -214,17 +214,14 @@ class SequenceForecaster(nn.Module):
   def __call__(self, x: Float[Array, "b l c"]) -> Float[Array, "b o c"]:
     cfg = self.config
     _check_inputs(x, self.input_len, self.channels, f"SequenceForecaster({cfg.arch})")
-    if cfg.arch not in lm.BLOCKS:
-      raise ValueError(f"unknown model.arch {cfg.arch!r}; known: {', '.join(lm.BLOCKS)}")
     c = x.shape[-1]
     kw = dict(dtype=cfg.compute_dtype, param_dtype=jnp.float32)
     x = x.astype(jnp.float32)
     centred = x - jnp.mean(x, axis=1, keepdims=True)
     h = dense(c, cfg.d_model, (CHANNELS, EMBED), "input_proj", use_bias=True, **kw)(centred)
-    pattern = lm.BLOCKS[cfg.arch]
-    pattern = pattern if isinstance(pattern, tuple) else (pattern,)
+    pattern = block_pattern(cfg.arch)
     for i in range(cfg.num_layers):
-      h, _ = pattern[i % len(pattern)](cfg, name=f"blocks_{i}")(h, None, None)
+      h, _ = pattern[i % len(pattern)](cfg, name=block_name(i))(h, None, None)
     h = RMSNorm(cfg.norm_eps, name="final_norm", **kw)(h[:, -1])
     head = dense(
       cfg.d_model,
@@ -237,39 +234,36 @@ class SequenceForecaster(nn.Module):
     return head(h).astype(jnp.float32) + x[:, -1:]
 
 
-def build_forecaster(model_cfg: Mapping[str, Any]) -> nn.Module:
-  """The forecaster a `model` config section describes.
+def build_forecaster(model_cfg: Mapping[str, Any] | ModelConfig) -> nn.Module:
+  """The forecaster a `model` config describes.
 
-  Reads `arch` (dlinear | nlinear | any `lm.BLOCKS` key: transformer, mamba, hawk, griffin),
-  `input_len`, `horizon`, and optionally `channels` (0 = from the inputs), `individual`
-  (default False) and `moving_avg` (default 25); a block-stack forecaster also reads the
-  `ModelConfig` keys (`d_model`, `num_layers`, ...).
+  Reads `arch` (dlinear | nlinear | any block-stack arch: transformer, mamba, hawk, griffin),
+  `input_len`, `horizon`, `channels` (0 = from the inputs), `individual` and `moving_avg`; a
+  block-stack forecaster also reads `d_model`, `num_layers`, ...
 
   Args:
-    model_cfg: the `model` section (a dict or ConfigDict).
+    model_cfg: a `ModelConfig` or the `model` section (a dict or ConfigDict).
 
   Returns:
     A module whose `apply(variables, x [b, l, c])` returns float32 forecasts [b, o, c].
 
   Raises:
-    ValueError: an unknown arch, or non-positive `input_len`/`horizon`/`moving_avg`.
+    ValueError: an unknown arch or key, or non-positive `input_len`/`horizon`/`moving_avg`.
   """
-  m = dict(model_cfg.items())
-  arch = m.get("arch", "")
-  input_len, horizon = int(m.get("input_len", 0)), int(m.get("horizon", 0))
-  channels, individual = int(m.get("channels", 0)), bool(m.get("individual", False))
-  kernel = int(m.get("moving_avg", 25))
-  if input_len <= 0 or horizon <= 0:
-    raise ValueError(f"model.input_len={input_len} and model.horizon={horizon} must be positive")
-  if channels < 0:
-    raise ValueError(f"model.channels must be >= 0 (0 = from the data), got {channels}")
-  if arch == "dlinear":
-    if kernel < 1:
-      raise ValueError(f"model.moving_avg must be >= 1, got {kernel}")
-    return DLinear(input_len, horizon, kernel, individual, channels)
-  if arch == "nlinear":
-    return NLinear(input_len, horizon, individual, channels)
-  if arch in lm.BLOCKS:
-    return SequenceForecaster(ModelConfig.from_mapping(m), input_len, horizon, channels)
-  known = ", ".join((*LINEAR_ARCHS, *lm.BLOCKS))
-  raise ValueError(f"model.arch={arch!r} cannot forecast; choose one of {known}")
+  m = ModelConfig.from_mapping(model_cfg)
+  if m.input_len <= 0 or m.horizon <= 0:
+    raise ValueError(
+      f"model.input_len={m.input_len} and model.horizon={m.horizon} must be positive"
+    )
+  if m.channels < 0:
+    raise ValueError(f"model.channels must be >= 0 (0 = from the data), got {m.channels}")
+  if m.arch == "dlinear":
+    if m.moving_avg < 1:
+      raise ValueError(f"model.moving_avg must be >= 1, got {m.moving_avg}")
+    return DLinear(m.input_len, m.horizon, m.moving_avg, m.individual, m.channels)
+  if m.arch == "nlinear":
+    return NLinear(m.input_len, m.horizon, m.individual, m.channels)
+  if m.arch in BLOCK_ARCHS:
+    return SequenceForecaster(m, m.input_len, m.horizon, m.channels)
+  known = ", ".join((*LINEAR_ARCHS, *BLOCK_ARCHS))
+  raise ValueError(f"model.arch={m.arch!r} cannot forecast; choose one of {known}")

@@ -32,7 +32,6 @@ from jaxtyping import Array, Float, Int
 
 from fulcrum.modules import scan
 from fulcrum.modules.attention import Attention, KVCache
-from fulcrum.modules.config import ModelConfig
 from fulcrum.modules.layers import (
   BATCH,
   EMBED,
@@ -46,6 +45,7 @@ from fulcrum.modules.layers import (
   dense,
   tap,
 )
+from fulcrum.modules.model_config import ModelConfig
 
 RECURRENT, ATTENTION = "recurrent", "attention"
 
@@ -286,6 +286,9 @@ class ResidualBlock(nn.Module):
 
   config: ModelConfig
   temporal: ClassVar[str] = RECURRENT
+  # The token mixer: its kind and submodule path (`fulcrum.modules.blocks.layer_paths`).
+  mixer: ClassVar[str] = "rg_lru"
+  mixer_path: ClassVar[tuple[str, ...]] = ("recurrent_block", "rg_lru")
 
   @nn.compact
   def __call__(
@@ -339,6 +342,8 @@ class AttentionResidualBlock(ResidualBlock):
   """A residual block whose temporal mixing is local multi-query attention."""
 
   temporal: ClassVar[str] = ATTENTION
+  mixer: ClassVar[str] = "attention"
+  mixer_path: ClassVar[tuple[str, ...]] = ("attention_block",)
 
 
 # Griffin's layer i is GRIFFIN_PATTERN[i % 3]: (recurrent, recurrent, attention), repeated.

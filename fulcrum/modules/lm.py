@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -10,40 +9,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jaxtyping import Array, Float, Int
 
-from fulcrum.modules import quant
-from fulcrum.modules.config import ModelConfig
-from fulcrum.modules.griffin import GRIFFIN_PATTERN, RecurrentResidualBlock
+from fulcrum.modules.blocks import block_name, block_pattern, validate
 from fulcrum.modules.layers import EMBED, VOCAB, Embedder, RMSNorm, dense, tap
-from fulcrum.modules.mamba import MambaBlock
-from fulcrum.modules.transformer import TransformerBlock
-
-# model.arch → its block class, or a tuple of classes that the layers cycle through
-# (layer i is pattern[i % len(pattern)]).
-BLOCKS: dict[str, type[nn.Module] | tuple[type[nn.Module], ...]] = {
-  "transformer": TransformerBlock,
-  "mamba": MambaBlock,
-  "hawk": RecurrentResidualBlock,
-  "griffin": GRIFFIN_PATTERN,  # (recurrent, recurrent, local attention)
-}
-
-
-def block_pattern(arch: str) -> tuple[type[nn.Module], ...]:
-  """The block classes of `arch`'s layers, cycled: layer i is pattern[i % len(pattern)]."""
-  blocks = BLOCKS[arch]
-  return blocks if isinstance(blocks, tuple) else (blocks,)
-
-
-def validate(config: ModelConfig) -> None:
-  """Raises ValueError for an unknown arch, or a layer stack `nn.scan` cannot stack."""
-  if config.arch not in BLOCKS:
-    raise ValueError(f"unknown model.arch {config.arch!r}; known: {', '.join(BLOCKS)}")
-  period = len(block_pattern(config.arch))
-  if config.scan_layers and config.num_layers % period:
-    raise ValueError(
-      f"model.scan_layers scans {config.arch} in groups of {period} layers (its block pattern), "
-      f"but model.num_layers={config.num_layers} is not a multiple of {period}; change "
-      "model.num_layers or set model.scan_layers=False"
-    )
+from fulcrum.modules.model_config import ModelConfig
 
 
 class _ScanStep(nn.Module):
@@ -107,7 +75,7 @@ class LM(nn.Module):
       )(c, pattern)
     else:
       classes = [nn.remat(b) if c.remat else b for b in pattern]
-      self.blocks = [classes[i % len(classes)](c, name=f"blocks_{i}") for i in range(c.num_layers)]
+      self.blocks = [classes[i % len(classes)](c, name=block_name(i)) for i in range(c.num_layers)]
     self.final_norm = RMSNorm(c.norm_eps, **kw)
     if not c.tie_embeddings:
       self.lm_head = dense(c.d_model, c.vocab_size, (EMBED, VOCAB), "lm_head", **kw)
@@ -155,21 +123,3 @@ class LM(nn.Module):
       stacked = [jax.tree.map(lambda a: jnp.broadcast_to(a, (groups, *a.shape)), x) for x in caches]
       return stacked[0] if len(pattern) == 1 else tuple(stacked)
     return tuple(caches[i % len(pattern)] for i in range(c.num_layers))
-
-
-def build(model_config: Mapping[str, Any] | ModelConfig) -> nn.Module:
-  """The model a config describes (`model.*` section of a recipe, a dict or a ModelConfig).
-
-  A language model, or a forecaster (`fulcrum.modules.forecasting.build_forecaster`) when
-  `model.arch` is dlinear/nlinear or `model.head` is "forecast".
-  """
-  if not isinstance(model_config, ModelConfig):
-    from fulcrum.modules import forecasting  # Here, not at the top: it imports this module.
-
-    arch, head = model_config.get("arch"), model_config.get("head")
-    if arch in forecasting.LINEAR_ARCHS or head == "forecast":
-      model = forecasting.build_forecaster(model_config)
-      return quant.quantize(model, model_config.get("quant", "none"))
-  config = ModelConfig.from_mapping(model_config)
-  validate(config)
-  return quant.quantize(LM(config), config.quant, methods=("__call__", "decode"))

@@ -24,7 +24,7 @@ parameters. The block taps its `output` (the residual stream after it).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,8 @@ from flax import linen as nn
 from jaxtyping import Array, Float, Int
 
 from fulcrum.modules import scan
-from fulcrum.modules.config import ModelConfig
 from fulcrum.modules.layers import BATCH, EMBED, LENGTH, MLP, CausalConv1D, RMSNorm, dense, tap
+from fulcrum.modules.model_config import ModelConfig
 
 
 class MambaCache(NamedTuple):
@@ -250,6 +250,9 @@ class MambaBlock(nn.Module):
   """
 
   config: ModelConfig
+  # The token mixer: its kind and submodule path (`fulcrum.modules.blocks.layer_paths`).
+  mixer: ClassVar[str] = "mamba"
+  mixer_path: ClassVar[tuple[str, ...]] = ("mixer",)
 
   @nn.compact
   def __call__(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax.numpy as jnp
 from flax import linen as nn
 from jaxtyping import Array, Float, Int
 
 from fulcrum.modules.attention import Attention, KVCache
-from fulcrum.modules.config import ModelConfig
 from fulcrum.modules.layers import BATCH, EMBED, LENGTH, GatedMLP, RMSNorm, tap
+from fulcrum.modules.model_config import ModelConfig
 
 
 class TransformerBlock(nn.Module):
@@ -18,6 +20,9 @@ class TransformerBlock(nn.Module):
   """
 
   config: ModelConfig
+  # The token mixer: its kind and submodule path (`fulcrum.modules.blocks.layer_paths`).
+  mixer: ClassVar[str] = "attention"
+  mixer_path: ClassVar[tuple[str, ...]] = ("attn",)
 
   @nn.compact
   def __call__(

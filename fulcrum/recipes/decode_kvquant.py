@@ -12,7 +12,7 @@ within 2% of the full-precision cache (`fulcrum bench decode` measures it). Abou
   fulcrum decode --workdir runs/decode_kvquant --prompt 'def __init__(self'
 """
 
-from fulcrum.platform.config import byte_lm_config
+from fulcrum.recipes._bases import byte_lm_config
 
 
 def get_config():

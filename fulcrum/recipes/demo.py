@@ -6,7 +6,7 @@ bits/byte falls from 8 (uniform over bytes) to about 3 in ~4 minutes on 2 CPU co
   fulcrum train --recipe demo --workdir runs/demo
 """
 
-from fulcrum.platform.config import byte_lm_config
+from fulcrum.recipes._bases import byte_lm_config
 
 
 def get_config():

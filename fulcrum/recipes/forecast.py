@@ -16,7 +16,7 @@ the naive last-value forecast; nlinear reaches about 0.006. About 20 s on 2 CPU 
   fulcrum train --recipe forecast --workdir runs/forecast_nlinear --set model.arch=nlinear
 """
 
-from fulcrum.platform.config import base_config
+from fulcrum.recipes._bases import base_config
 
 
 def get_config():
@@ -33,9 +33,6 @@ def get_config():
   c.model.head = "forecast"  # Block stacks get the forecasting head, not the LM's logits.
   c.model.input_len = 336  # Input window L (time steps).
   c.model.horizon = 96  # Forecast horizon H (time steps).
-  c.model.channels = 0  # Channels C checked against the data; 0 = take them from the data.
-  c.model.individual = False  # DLinear/NLinear: one time-mixing map per channel.
-  c.model.moving_avg = 25  # DLinear trend kernel (moving average, edges replicated).
   c.model.d_model = 64  # Block-stack forecasters only (as num_layers, num_heads, ...).
   c.model.num_layers = 2
 

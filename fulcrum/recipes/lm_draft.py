@@ -15,7 +15,7 @@ It drafts for the 9.5M `lm_transformer` too (58x smaller): `fulcrum bench decode
 more tokens accepted there and its call costs 4x as much, so it is slower (1.14x).
 """
 
-from fulcrum.platform.config import byte_lm_config
+from fulcrum.recipes._bases import byte_lm_config
 
 
 def get_config():

@@ -7,7 +7,7 @@ interpreter's standard-library sources. Expected: validation ~1.6 bits/byte afte
   fulcrum train --recipe lm_transformer --workdir /tmp/lm_transformer
 """
 
-from fulcrum.platform.config import base_config
+from fulcrum.recipes._bases import base_config
 
 
 def get_config():

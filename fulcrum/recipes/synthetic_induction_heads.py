@@ -10,7 +10,7 @@ Griffin (3 layers) 89%, Hawk 68%, the transformer 7%.
     --set model.arch=mamba
 """
 
-from fulcrum.platform.config import synthetic_config
+from fulcrum.recipes._bases import synthetic_config
 
 
 def get_config():

@@ -6,7 +6,7 @@ easily; fixed-state recurrences need state size proportional to the number of pa
   fulcrum train --recipe synthetic_mqar --workdir runs/mqar --set model.arch=mamba
 """
 
-from fulcrum.platform.config import synthetic_config
+from fulcrum.recipes._bases import synthetic_config
 
 
 def get_config():

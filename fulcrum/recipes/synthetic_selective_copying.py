@@ -11,7 +11,7 @@ Griffin (3 layers) 94%; the README has the table.
     --set model.arch=mamba
 """
 
-from fulcrum.platform.config import synthetic_config
+from fulcrum.recipes._bases import synthetic_config
 
 
 def get_config():

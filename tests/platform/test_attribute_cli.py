@@ -36,7 +36,7 @@ INPUT_LEN, HORIZON = 24, 4  # The forecaster's window.
 def _train(recipe: str, overrides: list[str], path: Path) -> str:
   from fulcrum import recipes
   from fulcrum.platform import config as config_lib
-  from fulcrum.platform import trainer
+  from fulcrum.platform.training import trainer
 
   config = recipes.get(recipe)
   config_lib.apply_overrides(config, overrides)

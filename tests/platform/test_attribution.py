@@ -37,7 +37,7 @@ from fulcrum.platform.attribution import (
   rglru_hidden_attention,
   rollout,
 )
-from fulcrum.platform.attribution.metrics import curves, spearman
+from fulcrum.platform.attribution.faithfulness import curves, spearman
 from tests.conftest import random_params
 
 pytestmark = pytest.mark.usefixtures("unoptimised_compiles")

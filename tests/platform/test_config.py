@@ -3,11 +3,12 @@
 import pytest
 
 from fulcrum.platform import config as config_lib
+from fulcrum.platform import sections
 from fulcrum.platform.errors import UserError
 
 
 def test_override_parses_to_default_type():
-  c = config_lib.base_config()
+  c = sections.base_config()
   config_lib.apply_overrides(
     c,
     [
@@ -36,7 +37,7 @@ def test_override_parses_to_default_type():
 )
 def test_bad_overrides(item, match):
   with pytest.raises(UserError, match=match):
-    config_lib.apply_overrides(config_lib.base_config(), [item])
+    config_lib.apply_overrides(sections.base_config(), [item])
 
 
 @pytest.mark.parametrize(
@@ -59,20 +60,20 @@ def test_bad_overrides(item, match):
   ],
 )
 def test_validation(item, match):
-  c = config_lib.base_config()
+  c = sections.base_config()
   config_lib.apply_overrides(c, [item])
   with pytest.raises(UserError, match=match):
-    config_lib.validate(c)
+    sections.validate(c)
 
 
 def test_partial_rope_that_rotates_an_even_number_of_dims_is_valid():
-  c = config_lib.base_config()
+  c = sections.base_config()
   config_lib.apply_overrides(c, ["model.rope_fraction=0.5", "model.attn_out_bias=true"])
-  config_lib.validate(c)
+  sections.validate(c)
 
 
 def test_json_round_trip():
-  c = config_lib.base_config()
+  c = sections.base_config()
   config_lib.apply_overrides(c, ["model.d_model=64"])
-  back = config_lib.from_json(config_lib.to_json(c))
+  back = sections.from_json(config_lib.to_json(c))
   assert back.to_dict() == c.to_dict()

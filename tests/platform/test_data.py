@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 
-from fulcrum.platform.config import base_config
 from fulcrum.platform.data import (
   ByteTokenizer,
   data_config_summary,
@@ -21,6 +20,7 @@ from fulcrum.platform.data import (
   text_corpus,
 )
 from fulcrum.platform.errors import UserError
+from fulcrum.platform.sections import base_config
 
 EOS = ByteTokenizer.EOS_ID
 NUM_DOCS = 40

@@ -16,7 +16,7 @@ import pytest
 
 from fulcrum.modules import build
 from fulcrum.modules import kvquant as kvquant_math
-from fulcrum.platform.decode import kvquant as kq
+from fulcrum.platform.decode import kv_calibration as kq
 from tests.conftest import random_params, tiny_overrides
 
 VOCAB = 32
@@ -170,7 +170,7 @@ def workdir(tiny_corpus, tmp_path_factory):
   """A tiny transformer (2 scanned layers: stacked caches and specs) trained for 2 steps."""
   from fulcrum import recipes
   from fulcrum.platform import config as config_lib
-  from fulcrum.platform import trainer
+  from fulcrum.platform.training import trainer
 
   config = recipes.get("demo")
   config_lib.apply_overrides(

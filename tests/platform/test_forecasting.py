@@ -18,10 +18,11 @@ from flax import linen as nn
 from fulcrum import recipes
 from fulcrum.modules.forecasting import LINEAR_ARCHS, build_forecaster
 from fulcrum.platform import config as config_lib
-from fulcrum.platform import trainer
+from fulcrum.platform import sections
 from fulcrum.platform.data import series as series_lib
 from fulcrum.platform.errors import UserError
-from fulcrum.platform.forecasting import Forecasting
+from fulcrum.platform.training import trainer
+from fulcrum.platform.training.tasks.series_forecasting import Forecasting
 
 ROWS = 120  # Rows of the ramp CSV: train 84, validation 12, test 24.
 
@@ -241,7 +242,7 @@ def test_bad_data_settings_raise_user_errors(data_dir, tmp_path, ramp_csv):
 
 
 def test_task_checks_its_config(data_dir, ramp_csv):
-  base = config_lib.base_config()
+  base = sections.base_config()
   base.task = "forecast"
   with pytest.raises(UserError, match="needs the keys model.head, model.input_len"):
     Forecasting(base)

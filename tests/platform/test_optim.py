@@ -6,13 +6,13 @@ import numpy as np
 from flax import linen as nn
 
 from fulcrum.modules import ModelConfig, build
-from fulcrum.platform import config as config_lib
+from fulcrum.platform import sections
 from fulcrum.platform.optim import learning_rate_schedule
 from fulcrum.platform.optim.factory import decay_mask
 
 
 def test_warmup_then_cosine_to_min_ratio():
-  opt = config_lib.base_config().optimizer
+  opt = sections.base_config().optimizer
   sched = learning_rate_schedule(opt, 1000)
   assert float(sched(0)) == 0.0
   np.testing.assert_allclose(float(sched(opt.warmup_steps)), opt.learning_rate, rtol=1e-6)

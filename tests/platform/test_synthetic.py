@@ -10,7 +10,7 @@ from fulcrum import recipes
 from fulcrum.platform import config as config_lib
 from fulcrum.platform.data import synthetic
 from fulcrum.platform.errors import UserError
-from fulcrum.platform.tasks import get_task
+from fulcrum.platform.training.tasks import get_task
 
 
 def test_selective_copying_answers_are_the_data_tokens_in_order():

@@ -17,7 +17,8 @@ import pytest
 
 from fulcrum import recipes
 from fulcrum.platform import config as config_lib
-from fulcrum.platform import trainer as train_lib
+from fulcrum.platform import workdir as workdir_lib
+from fulcrum.platform.training import trainer as train_lib
 from tests.conftest import REPO, UNOPTIMISED_ENV, run_cli, tiny_overrides
 
 # Tiny models: compiling dominates, so XLA's optimisation passes are off here and in the
@@ -32,7 +33,7 @@ def tiny_config(corpus, **extra):
 
 
 def final_params(workdir):
-  _, state, step = train_lib.load_workdir(workdir)
+  _, state, step = workdir_lib.load(workdir)
   return step, jax.device_get(state.params)
 
 
@@ -74,7 +75,7 @@ def test_train_step_does_not_recompile(tiny_corpus):
   for _ in range(4):
     batch = {k: rng.integers(0, 256, (8, 32), dtype=np.int32) for k in ("inputs", "targets")}
     with exp.activate():
-      state, _ = step(state, train_lib._global_batch(exp, batch))
+      state, _ = step(state, train_lib.global_batch(exp, batch))
   assert step._cache_size() == 1
   assert int(state.step) == 4
 
@@ -93,7 +94,7 @@ def test_grad_accumulation_matches_full_batch(tiny_corpus):
     }
     with exp.activate():
       new, metrics = jax.jit(train_lib.make_train_step(exp))(
-        state, train_lib._global_batch(exp, batch)
+        state, train_lib.global_batch(exp, batch)
       )
     results.append((jax.device_get(new.params), float(metrics["grad_norm"])))
   assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
@@ -113,7 +114,7 @@ def test_nonfinite_updates_are_skipped_then_stop(tiny_corpus, tmp_path):
   batch = {k: np.zeros((8, 32), np.int32) for k in ("inputs", "targets")}
   poisoned = jax.tree.map(lambda p: p * np.float32("nan"), state.params)
   with exp.activate():
-    new, metrics = step(state.replace(params=poisoned), train_lib._global_batch(exp, batch))
+    new, metrics = step(state.replace(params=poisoned), train_lib.global_batch(exp, batch))
   assert int(new.nonfinite_run) == 1 and int(metrics["nonfinite_skipped"]) == 1
   # The update was skipped: parameters are the (poisoned) inputs, optimizer state untouched.
   assert int(new.opt_state[1][0].count) == 0
@@ -215,7 +216,7 @@ def test_corrupt_latest_checkpoint_falls_back(tiny_corpus, tmp_path):
   for f in (tmp_path / "checkpoints" / "20").rglob("*"):
     if f.is_file():
       f.write_bytes(b"")
-  _, _, step = train_lib.load_workdir(tmp_path)
+  _, _, step = workdir_lib.load(tmp_path)
   assert step == 10
   assert list((tmp_path / "checkpoints").glob("corrupt-20-*"))  # Moved aside, not deleted.
   # With every checkpoint unreadable the user gets one clear error (exit 2 from the CLI).
@@ -233,7 +234,7 @@ import json, sys
 import jax
 from fulcrum import recipes
 from fulcrum.platform import config as config_lib
-from fulcrum.platform import trainer as train_lib
+from fulcrum.platform.training import trainer as train_lib
 config = recipes.get("demo")
 config_lib.apply_overrides(config, json.loads(sys.argv[1]))
 out = {}
@@ -251,7 +252,7 @@ for name, mesh, devices in [m for m in meshes if m[0] in sys.argv[2].split(",")]
     step = train_lib.jit_train_step(exp)
     losses = []
     for _ in range(5):
-      state, m = step(state, train_lib._global_batch(exp, next(it)))
+      state, m = step(state, train_lib.global_batch(exp, next(it)))
       losses.append(float(m["loss"]))
   sharded = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
   opt_sharded = {str(x.sharding.spec) for x in jax.tree.leaves(state.opt_state)}
@@ -342,7 +343,7 @@ def test_resume_with_optimizer_equals_uninterrupted(optimizer, tiny_corpus, tmp_
   shutil.rmtree(tmp_path / "cut" / "checkpoints" / "14")
   train_lib.train(tiny_config(tiny_corpus, **extra), tmp_path / "cut")
   step_a, params_a = final_params(tmp_path / "ref")
-  _, state, step_b = train_lib.load_workdir(tmp_path / "cut")
+  _, state, step_b = workdir_lib.load(tmp_path / "cut")
   assert step_a == step_b == 14
   assert_trees_equal(params_a, jax.device_get(state.params))
   kinds = {type(x).__name__ for x in jax.tree.leaves(state.opt_state, is_leaf=_quantized)}

@@ -24,6 +24,7 @@ from fulcrum.platform.attribution.core import (
   saliency,
   smoothgrad,
 )
+from fulcrum.platform.attribution.faithfulness import faithfulness, spearman
 from fulcrum.platform.attribution.maps import (
   hidden_attention,
   layer_maps,
@@ -31,7 +32,6 @@ from fulcrum.platform.attribution.maps import (
   rglru_hidden_attention,
   rollout,
 )
-from fulcrum.platform.attribution.metrics import faithfulness, spearman
 
 METHODS = (
   "saliency",

@@ -39,6 +39,30 @@ from fulcrum.platform.data.tokenizer import ByteTokenizer
 from fulcrum.platform.errors import UserError
 
 _TOKENIZER = ByteTokenizer()
+
+
+def config_defaults() -> ml_collections.ConfigDict:
+  """Every `data.*` key the text pipeline reads, with its default. Tasks with other data add
+  their own keys in their recipe base (`fulcrum/recipes/_bases.py`)."""
+  c = ml_collections.ConfigDict()
+  c.tfds_name = ""  # A registered TFDS dataset (e.g. "lm1b"); "" = the built-in corpus.
+  c.text_files = ""  # Glob of the user's text files; "" = Python stdlib sources.
+  c.text_key = "text"  # Feature holding the text in a tfds_name dataset.
+  c.train_split = "train"
+  c.eval_split = "validation"
+  c.data_dir = ""  # Where TFDS data is prepared; "" = $FULCRUM_DATA_DIR or ~/.cache.
+  c.num_workers = 0  # grain worker processes (0 = in the main process).
+  return c
+
+
+def validate_config(d: ml_collections.ConfigDict) -> None:
+  """Checks the `data.*` section; raises ValueError naming the fix."""
+  if d.num_workers < 0:
+    raise ValueError(
+      f"data.num_workers must be >= 0 (0 = in the main process), got {d.num_workers}"
+    )
+
+
 _STATE_FORMAT = 1
 # Threads reading documents ahead of packing; documents are small and decoding is cheap.
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)

@@ -127,7 +127,7 @@ def prefill(model, params, tokens, positions, max_len: int, extra: int = 0, kv_q
   """Runs the prompts through a fresh cache; returns the last position's logits and the cache."""
   cache = model.init_cache(tokens.shape[0], max_len, extra)
   if kv_quant is not None:
-    from fulcrum.platform.decode.kvquant import quantized_cache
+    from fulcrum.platform.decode.kv_calibration import quantized_cache
 
     cache = quantized_cache(cache, kv_quant)
   logits, cache = model.apply({"params": params}, tokens, positions, cache, method="decode")

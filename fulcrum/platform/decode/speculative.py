@@ -37,6 +37,9 @@ from fulcrum.platform.decode import cache as cache_lib
 from fulcrum.platform.decode.generate import emit, empty_output, prefill, with_history
 from fulcrum.platform.decode.sampling import draw, probabilities
 
+# Speculative Cascades deferral rules (the module docstring gives each δ).
+RULES = ("chow", "diff", "opt")
+
 
 def deferral(
   rule: str, q: Float[Array, "... v"], p: Float[Array, "... v"], alpha: Array

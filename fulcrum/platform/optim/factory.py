@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import optax
 
-from fulcrum.platform.optim import _boxes, galore
+from fulcrum.platform.optim import boxes, galore
 from fulcrum.platform.optim.quantized import adamw_8bit
 
 
@@ -37,6 +37,52 @@ def decay_mask(params):
 
 
 OPTIMIZERS = ("adamw", "galore", "adam8bit", "galore8bit")
+
+
+def config_defaults() -> ml_collections.ConfigDict:
+  """Every `optimizer.*` key with its default."""
+  c = ml_collections.ConfigDict()
+  c.name = "adamw"  # adamw | galore | adam8bit | galore8bit (`OPTIMIZERS`).
+  c.learning_rate = 3e-3  # Peak learning rate.
+  c.warmup_steps = 100  # Linear warmup steps.
+  c.min_lr_ratio = 0.1  # Cosine decays to learning_rate * min_lr_ratio.
+  c.weight_decay = 0.1  # Decoupled weight decay (matrices only).
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.eps = 1e-8
+  c.clip_norm = 1.0  # Global-norm gradient clipping; 0 disables.
+  c.galore = ml_collections.ConfigDict()  # optimizer.name = galore | galore8bit.
+  c.galore.rank = 128  # Projection rank r (capped at min(m, n) per matrix).
+  c.galore.update_proj_gap = 200  # Steps T between projector refreshes (SVD).
+  c.galore.scale = 0.25  # α on the projected-back updates.
+  c.galore.side = "auto"  # auto (smaller dimension) | left | right.
+  c.quant = ml_collections.ConfigDict()  # optimizer.name = adam8bit | galore8bit.
+  c.quant.block_size = 256  # Elements per absmax block of the 8-bit moments.
+  c.quant.min_size = 4096  # Smaller state leaves stay float32.
+  return c
+
+
+# Keys that change the optimizer state's shapes: a run's checkpoints cannot resume under other
+# values (the learning rate, weight decay or GaLore's gap and scale may change).
+STATE_LAYOUT_KEYS = ("name", "galore.rank", "galore.side", "quant.block_size", "quant.min_size")
+
+
+def validate_config(o: ml_collections.ConfigDict) -> None:
+  """Checks the `optimizer.*` section; raises ValueError naming the fix."""
+  checks = [
+    (o.name in OPTIMIZERS, f"optimizer.name={o.name!r} is unknown; choose one of "
+     f"{', '.join(OPTIMIZERS)}"),
+    (o.learning_rate > 0, f"optimizer.learning_rate must be positive, got {o.learning_rate}"),
+    (o.galore.rank >= 1, f"optimizer.galore.rank must be >= 1, got {o.galore.rank}"),
+    (o.galore.update_proj_gap >= 1, "optimizer.galore.update_proj_gap must be >= 1, got "
+     f"{o.galore.update_proj_gap}"),
+    (o.galore.side in galore.SIDES, f"optimizer.galore.side={o.galore.side!r} is unknown; choose "
+     f"one of {', '.join(galore.SIDES)}"),
+    (o.quant.block_size >= 2, f"optimizer.quant.block_size must be >= 2, got {o.quant.block_size}"),
+  ]  # fmt: skip
+  for ok, msg in checks:
+    if not ok:
+      raise ValueError(msg)
 
 
 def make_optimizer(
@@ -80,6 +126,6 @@ def make_optimizer(
 
 def _matrices(params):
   """GaLore's matrices: by logical axis names when `params` are boxed, else the 2-D ones."""
-  if any(_boxes.is_box(x) for x in jax.tree.leaves(params, is_leaf=_boxes.is_box)):
+  if any(boxes.is_box(x) for x in jax.tree.leaves(params, is_leaf=boxes.is_box)):
     return galore.matrices_from_axes(params)
   return galore.default_matrices(params)

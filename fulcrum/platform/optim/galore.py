@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fulcrum.platform.optim import _boxes
+from fulcrum.platform.optim import boxes
 from fulcrum.platform.optim.quantized import quantize_state
 
 SIDES = ("auto", "left", "right")
@@ -90,7 +90,7 @@ def _layout(shape: tuple[int, ...], spec: MatrixSpec, rank: int, side: str) -> _
   return _Layout(batch + rows + cols, batch, m, n, left, min(rank, m, n), rows, cols)
 
 
-def _state_names(lay: _Layout, names: _boxes.Names) -> tuple[_boxes.Names, _boxes.Names]:
+def _state_names(lay: _Layout, names: boxes.Names) -> tuple[boxes.Names, boxes.Names]:
   """Logical names of (projector, low-rank moment) for a parameter named `names`: batch axes keep
   theirs, a matrix side keeps its name when it is a single axis, the rank axis has none."""
   if names is None:
@@ -128,7 +128,7 @@ def matrices_from_axes(params: Any) -> Any:
   `x_proj`, `dt_proj`, RG-LRU gates) are not projected."""
 
   def spec(path, leaf):
-    if not _boxes.is_box(leaf) or getattr(path[-1], "key", None) != "kernel":
+    if not boxes.is_box(leaf) or getattr(path[-1], "key", None) != "kernel":
       return None
     names = tuple(leaf.names)
     inner = [i for i, n in enumerate(names) if n != "layers"]
@@ -144,11 +144,11 @@ def matrices_from_axes(params: Any) -> Any:
       return MatrixSpec(rest, (e,))
     return None
 
-  return jax.tree_util.tree_map_with_path(spec, params, is_leaf=_boxes.is_box)
+  return jax.tree_util.tree_map_with_path(spec, params, is_leaf=boxes.is_box)
 
 
 def _unbox(tree):
-  return jax.tree.map(lambda x: x.value if _boxes.is_box(x) else x, tree, is_leaf=_boxes.is_box)
+  return jax.tree.map(lambda x: x.value if boxes.is_box(x) else x, tree, is_leaf=boxes.is_box)
 
 
 def _leading_vectors(g: jax.Array, left: bool, rank: int) -> jax.Array:
@@ -209,9 +209,9 @@ def scale_by_galore(
     ]
 
   def init(params):
-    values, names, treedef = _boxes.flatten(params)
+    values, names, treedef = boxes.flatten(params)
     specs = found[treedef] = specs_for(params, treedef)
-    boxed_leaves = jax.tree.leaves(params, is_leaf=_boxes.is_box)
+    boxed_leaves = jax.tree.leaves(params, is_leaf=boxes.is_box)
     projs, proxies = [], []
     for x, nm, lay, like in zip(values, names, layouts(values, specs), boxed_leaves, strict=True):
       if lay is None:
@@ -220,8 +220,8 @@ def scale_by_galore(
         continue
       bshape = tuple(x.shape[a] for a in lay.batch)
       p_names, r_names = _state_names(lay, nm)
-      projs.append(_boxes.box(jnp.zeros(lay.projector_shape(bshape), jnp.float32), p_names, like))
-      proxies.append(_boxes.box(jnp.zeros(lay.lowrank_shape(bshape), x.dtype), r_names, like))
+      projs.append(boxes.box(jnp.zeros(lay.projector_shape(bshape), jnp.float32), p_names, like))
+      proxies.append(boxes.box(jnp.zeros(lay.lowrank_shape(bshape), x.dtype), r_names, like))
     return GaLoreState(
       count=jnp.zeros((), jnp.int32),
       projectors=jax.tree.unflatten(treedef, projs),

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from fulcrum.platform.optim import _boxes
+from fulcrum.platform.optim import boxes
 
 
 def dynamic_map(signed: bool, bits: int = 8) -> np.ndarray:
@@ -184,17 +184,17 @@ def quantize_state(
     if names is None:
       return q
     return q.replace(
-      codes=_boxes.box(q.codes, names, like),
-      scales=_boxes.box(q.scales, tuple(names[: value.ndim - k]) + (None,), like),
+      codes=boxes.box(q.codes, names, like),
+      scales=boxes.box(q.scales, tuple(names[: value.ndim - k]) + (None,), like),
     )
 
   def init(params):
     state = inner.init(params)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_boxes.is_box)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=boxes.is_box)
     out = []
     for path, leaf in leaves:
-      value = leaf.value if _boxes.is_box(leaf) else leaf
-      names = tuple(leaf.names) if _boxes.is_box(leaf) else None
+      value = leaf.value if boxes.is_box(leaf) else leaf
+      names = tuple(leaf.names) if boxes.is_box(leaf) else None
       out.append(compress(path, value, names, leaf))
     return QuantizedState(jax.tree.unflatten(treedef, out))
 
@@ -238,6 +238,6 @@ def adamw_8bit(
 
 def state_bytes(state: Any) -> int:
   """Bytes an optimizer state occupies (every array leaf, codes and block scales included)."""
-  leaves = jax.tree.leaves(state, is_leaf=_boxes.is_box)
-  values = [leaf.value if _boxes.is_box(leaf) else leaf for leaf in leaves]
+  leaves = jax.tree.leaves(state, is_leaf=boxes.is_box)
+  values = [leaf.value if boxes.is_box(leaf) else leaf for leaf in leaves]
   return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in jax.tree.leaves(values)))

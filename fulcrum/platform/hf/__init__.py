@@ -5,7 +5,7 @@ RecurrentGemma) into a Fulcrum model and plain float32 params; `save_pretrained(
 folder)` writes a Fulcrum transformer back out in the Hugging Face Llama (or, with a sliding
 window, Mistral) format. Mamba and RecurrentGemma (Griffin/Hawk) are import only.
 
-Weights are read and written by `fulcrum.platform.safetensors_io` (numpy only, memory-mapped).
+Weights are read and written by `fulcrum.platform.hf.safetensors_io` (numpy only, memory-mapped).
 
 Each supported Hugging Face `model_type` is one `Converter` in `CONVERTERS`: how its config.json
 maps onto `ModelConfig`, and which checkpoint tensor becomes which Fulcrum parameter (with the
@@ -32,7 +32,7 @@ from fulcrum.modules import LM, ModelConfig, build
 from fulcrum.modules.griffin import ATTENTION, RECURRENT
 from fulcrum.modules.lm import block_pattern
 from fulcrum.platform.errors import UserError
-from fulcrum.platform.safetensors_io import (
+from fulcrum.platform.hf.safetensors_io import (
   SAFETENSORS_DTYPES,
   SafetensorsFile,
   open_checkpoint,

@@ -18,14 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fulcrum.modules import lm
-from fulcrum.modules.forecasting import LINEAR_ARCHS
+from fulcrum.modules import ModelConfig
+from fulcrum.modules.models import is_forecaster
 from fulcrum.platform.data import series as series_lib
 from fulcrum.platform.errors import UserError
-from fulcrum.platform.tasks import Batch, Task
+from fulcrum.platform.training.tasks.base import Batch, Task
 
 # Keys this task reads beyond the base config; the forecast recipe adds them.
-MODEL_KEYS = ("head", "input_len", "horizon", "channels", "individual", "moving_avg")
 DATA_KEYS = ("series", "csv_path", "columns", "train_fraction", "test_fraction")
 
 
@@ -44,19 +43,13 @@ class Forecasting(Task):
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
     m, d = config.model, config.data
-    missing = [f"model.{k}" for k in MODEL_KEYS if k not in m]
-    missing += [f"data.{k}" for k in DATA_KEYS if k not in d]
+    missing = [f"data.{k}" for k in DATA_KEYS if k not in d]
     if missing:
       raise UserError(
         f"task=forecast needs the keys {', '.join(missing)}; start from the forecast recipe "
         "(`--recipe forecast`)"
       )
-    forecasters = (*LINEAR_ARCHS, *lm.BLOCKS)
-    if m.arch not in forecasters:
-      raise UserError(
-        f"model.arch={m.arch!r} cannot forecast; choose one of {', '.join(forecasters)}"
-      )
-    if m.arch not in LINEAR_ARCHS and m.head != "forecast":
+    if not is_forecaster(ModelConfig.from_mapping(m)):
       raise UserError(
         f"model.arch={m.arch!r} forecasts only with model.head='forecast' (got {m.head!r}); "
         "set model.head=forecast"
@@ -132,3 +125,6 @@ class Forecasting(Task):
   def eval_metrics(self, sums):
     count = max(sums["count"], 1.0)
     return {"mse": sums["squared_error"] / count, "mae": sums["absolute_error"] / count}
+
+
+TASK = Forecasting

@@ -14,7 +14,7 @@ import numpy as np
 
 from fulcrum.platform.data import synthetic
 from fulcrum.platform.errors import UserError
-from fulcrum.platform.tasks import Task, cross_entropy
+from fulcrum.platform.training.tasks.base import Task, cross_entropy
 
 _ARGS = {
   "selective_copying": ("length", "vocab", "num_tokens"),
@@ -99,3 +99,6 @@ class SyntheticSequences(Task):
   def eval_metrics(self, sums):
     count = max(sums["count"], 1.0)
     return {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count}
+
+
+TASK = SyntheticSequences

@@ -70,11 +70,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from benchmarks.common import RESULTS, device_description, write_results
 from fulcrum import recipes
+from fulcrum.benchmarks.common import (
+  checkout_root,
+  device_description,
+  results_dir,
+  write_results,
+)
 from fulcrum.modules.griffin import RecurrentResidualBlock
 from fulcrum.modules.mamba import MambaBlock
-from fulcrum.platform import trainer
+from fulcrum.platform import workdir as workdir_lib
 from fulcrum.platform.attribution import (
   METHODS,
   Subject,
@@ -84,10 +89,11 @@ from fulcrum.platform.attribution import (
   maps,
   randomisation_check,
 )
-from fulcrum.platform.attribution.metrics import curves
+from fulcrum.platform.attribution.faithfulness import curves
 from fulcrum.platform.data import ByteTokenizer
+from fulcrum.platform.training import trainer
 
-RUNS = Path(__file__).resolve().parents[1] / "runs" / "bench_attribution"
+RUNS = checkout_root() / "runs" / "bench_attribution"
 LMS = ("transformer", "mamba", "hawk", "griffin")
 # Architecture: (recipe, overrides). Every model trains the same steps on the same batches.
 ARCHS = {
@@ -145,7 +151,7 @@ def _train(arch: str, quick: bool):
   """(experiment, train state, final validation metrics) of `arch`, trained once and reused."""
   workdir = RUNS / ("quick" if quick else "full") / arch
   metrics = trainer.train(_config(arch, quick), workdir)
-  exp, state, _ = trainer.load_workdir(workdir)
+  exp, state, _ = workdir_lib.load(workdir)
   return exp, state, metrics
 
 
@@ -474,5 +480,5 @@ def run(quick: bool = False) -> dict:
   md = markdown(result)
   if quick:
     return {**result, "markdown": md}
-  _plot(result, RESULTS / "attribution.png")
+  _plot(result, results_dir() / "attribution.png")
   return write_results("attribution", result, md)

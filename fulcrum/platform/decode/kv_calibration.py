@@ -28,8 +28,10 @@ import numpy as np
 from fulcrum.modules import kvquant
 from fulcrum.modules.attention import KVCache, QuantizedKVCache
 from fulcrum.platform.decode import cache as cache_lib
+from fulcrum.platform.errors import UserError
 
 METHODS = ("kvquant", "int-token", "int-channel")
+BITS = (2, 3, 4)  # Bits per cached key/value entry the methods are calibrated for.
 
 
 def quantized_cache(cache: Any, specs: Any) -> Any:
@@ -306,29 +308,29 @@ def spec_path(workdir: str | Path, step: int, method: str, bits: int) -> Path:
   return Path(workdir) / "kvquant" / f"step_{step}" / f"{method}_{bits}bit.npz"
 
 
-def calibrate_workdir(
+def calibrate_experiment(
+  exp,
+  params,
+  step: int,
   workdir: str | Path,
+  *,
   method: str | None = None,
   bits: int | None = None,
   num_batches: int | None = None,
 ) -> dict[str, Any]:
-  """Fits KV-cache specs for a workdir's newest checkpoint on its training data and saves them.
+  """Fits KV-cache specs for a loaded checkpoint (`workdir.load`) and saves them beside it.
 
-  Defaults come from the workdir's `decode.*` config (kvquant when `decode.kv_cache` is none).
-  Returns a summary: path, bytes per token against bfloat16, validation perplexity of the
-  full-precision and quantized caches.
+  Defaults come from the experiment's `decode.*` config (kvquant when `decode.kv_cache` is
+  none). Returns a summary: path, bytes per token against bfloat16, validation perplexity of
+  the full-precision and quantized caches.
   """
-  from fulcrum.platform.errors import UserError
-  from fulcrum.platform.trainer import load_workdir
-
-  exp, state, step = load_workdir(workdir)
   d = exp.config.decode
   method = method or (d.kv_cache if d.kv_cache != "none" else "kvquant")
   bits = bits or d.kv_bits
   if method not in METHODS:
     raise UserError(f"unknown KV-cache method {method!r}; choose one of {', '.join(METHODS)}")
-  if bits not in (2, 3, 4):
-    raise UserError(f"KV-cache bits must be 2, 3 or 4, got {bits}")
+  if bits not in BITS:
+    raise UserError(f"KV-cache bits must be one of {', '.join(map(str, BITS))}, got {bits}")
   if exp.config.task != "lm":
     raise UserError(f"{workdir} trains task {exp.config.task!r}; calibrate needs a language model")
   if not _attention_paths(exp.model):
@@ -339,13 +341,13 @@ def calibrate_workdir(
   batches = [
     np.asarray(next(iterator)["inputs"]) for _ in range(num_batches or d.calibration_batches)
   ]
-  specs = calibrate(exp.model, state.params, batches, bits, method, d.kv_outlier_fraction)
+  specs = calibrate(exp.model, params, batches, bits, method, d.kv_outlier_fraction)
   path = spec_path(workdir, step, method, bits)
   save(path, specs, {"method": method, "bits": bits, "step": step})
   eval_batches = exp.task.eval_sets(0, 1)[""]
   sequences = np.concatenate([np.asarray(b["inputs"]) for b in eval_batches])
-  full = perplexity(exp.model, state.params, sequences, None)
-  quantized = perplexity(exp.model, state.params, sequences, specs)
+  full = perplexity(exp.model, params, sequences, None)
+  quantized = perplexity(exp.model, params, sequences, specs)
   return {
     "path": str(path),
     "method": method,
@@ -356,19 +358,3 @@ def calibrate_workdir(
     "perplexity": quantized,
     "full_precision_perplexity": full,
   }
-
-
-def load_workdir_specs(workdir: str | Path, model, step: int, method: str, bits: int) -> Any:
-  """The specs `fulcrum calibrate` saved for this checkpoint (UserError when missing)."""
-  from fulcrum.platform.errors import UserError
-
-  path = spec_path(workdir, step, method, bits)
-  if not path.exists():
-    raise UserError(
-      f"no {method} {bits}-bit KV-cache calibration for step {step} in {workdir}; run "
-      f"`fulcrum calibrate --workdir {workdir} --method {method} --bits {bits}` first"
-    )
-  try:
-    return load(path, model)[0]
-  except (ValueError, KeyError, OSError) as e:
-    raise UserError(f"{path} is unreadable ({e}); rerun `fulcrum calibrate`") from None

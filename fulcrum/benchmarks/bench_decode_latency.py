@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from benchmarks.common import device_description, time_call, write_results
+from fulcrum.benchmarks.common import device_description, time_call, write_results
 from fulcrum.modules import LM, ModelConfig, build
 
 ARCHS = ("transformer", "mamba", "griffin", "hawk")

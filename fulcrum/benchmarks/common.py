@@ -1,7 +1,8 @@
-"""Helpers shared by the benchmarks: timing, device description and result files."""
+"""Helpers shared by the benchmarks: timing, device description, where results go."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
@@ -11,7 +12,32 @@ from pathlib import Path
 
 import jax
 
-RESULTS = Path(__file__).resolve().parent / "results"
+_OUT: list[Path] = []  # The results folder `run(..., out=DIR)` chose, while it runs.
+
+
+def checkout_root() -> Path:
+  """The repository root when running from a checkout, else the working directory (an
+  installed package has no repository: its results and runs go under the current folder)."""
+  root = Path(__file__).resolve().parents[2]
+  return root if (root / "pyproject.toml").is_file() else Path.cwd()
+
+
+def results_dir() -> Path:
+  """Where results go: `--out DIR`, else benchmarks/results/ of the checkout."""
+  return _OUT[-1] if _OUT else checkout_root() / "benchmarks" / "results"
+
+
+@contextlib.contextmanager
+def results_to(out: str | Path | None):
+  """Within this block, `results_dir()` is `out` (when given)."""
+  if out is None:
+    yield
+    return
+  _OUT.append(Path(out).expanduser().absolute())
+  try:
+    yield
+  finally:
+    _OUT.pop()
 
 
 def device_description() -> str:
@@ -45,7 +71,8 @@ def matmul_flops_per_s(n: int = 1024, repeats: int = 10) -> float:
 
 def write_results(name: str, result: dict, markdown: str) -> dict:
   """Writes results/NAME.json and results/NAME.md; returns the result with the markdown."""
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-  (RESULTS / f"{name}.md").write_text(markdown + "\n")
+  out = results_dir()
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+  (out / f"{name}.md").write_text(markdown + "\n")
   return {**result, "markdown": markdown}

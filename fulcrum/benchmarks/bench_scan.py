@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import RESULTS, device_description, time_call, write_results
+from fulcrum.benchmarks.common import device_description, results_dir, time_call, write_results
 from fulcrum.modules import scan
 from fulcrum.modules.scan import ScanImpl, chunked
 
@@ -195,5 +195,5 @@ def run(quick: bool = False) -> dict:
   if quick:
     return {**result, "markdown": md}
   out = write_results("scan", result, md)
-  _plot(result, RESULTS / "scan.png")
+  _plot(result, results_dir() / "scan.png")
   return out

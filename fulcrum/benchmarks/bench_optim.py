@@ -28,10 +28,11 @@ import time
 
 import jax
 
-from benchmarks.common import RESULTS, device_description, write_results
+from fulcrum.benchmarks.common import device_description, results_dir, write_results
 from fulcrum.platform import config as config_lib
-from fulcrum.platform import trainer
+from fulcrum.platform import sections
 from fulcrum.platform.optim import state_bytes
+from fulcrum.platform.training import trainer
 
 OPTIMIZERS = ("adamw", "galore", "adam8bit", "galore8bit", "adamw_qat")
 
@@ -57,7 +58,7 @@ def _sizes(quick: bool) -> dict[str, int]:
 
 
 def _config(name: str, quick: bool):
-  c = config_lib.base_config()
+  c = sections.base_config()
   z = _sizes(quick)
   d_model = z["d_model"]
   config_lib.apply_overrides(
@@ -106,7 +107,7 @@ class _Run:
     self.exp = trainer.build_experiment(self.config, jax.devices()[:1])
     self.state = self.exp.init_state()
     self.data = self.exp.task.train_iterator(0, 1)
-    batch = trainer._global_batch(self.exp, next(iter([self._next()])))
+    batch = trainer.global_batch(self.exp, next(iter([self._next()])))
     with self.exp.activate():
       self.step = trainer.jit_train_step(self.exp).lower(self.state, batch).compile()
     self.peak = _peak_bytes(self.step)
@@ -117,7 +118,7 @@ class _Run:
     return next(self.data)
 
   def advance(self, n: int) -> None:
-    batches = [trainer._global_batch(self.exp, self._next()) for _ in range(n)]
+    batches = [trainer.global_batch(self.exp, self._next()) for _ in range(n)]
     start = time.perf_counter()
     with self.exp.activate():
       for batch in batches:
@@ -235,8 +236,8 @@ def run(quick: bool = False) -> dict:
   md = markdown(result)
   if quick:
     return {**result, "markdown": md}
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  plot(result, RESULTS / "optim.png")
+  results_dir().mkdir(parents=True, exist_ok=True)
+  plot(result, results_dir() / "optim.png")
   return write_results("optim", result, md)
 
 

@@ -14,13 +14,19 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.common import device_description, matmul_flops_per_s, time_call, write_results
+from fulcrum.benchmarks.common import (
+  device_description,
+  matmul_flops_per_s,
+  time_call,
+  write_results,
+)
 from fulcrum.platform import config as config_lib
-from fulcrum.platform import trainer
+from fulcrum.platform import sections
+from fulcrum.platform.training import trainer
 
 
 def _config(quick: bool):
-  c = config_lib.base_config()
+  c = sections.base_config()
   config_lib.apply_overrides(
     c,
     [
@@ -55,7 +61,7 @@ def run(quick: bool = False) -> dict:
   state = exp.init_state()
   t = config.train
   rng = np.random.default_rng(0)
-  batch = trainer._global_batch(
+  batch = trainer.global_batch(
     exp,
     {
       k: rng.integers(0, 256, (t.batch_size, t.seq_len), dtype=np.int32)

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from benchmarks.common import RESULTS, device_description, time_call, write_results
+from fulcrum.benchmarks.common import device_description, results_dir, time_call, write_results
 from fulcrum.modules import ModelConfig, build
 
 ARCHS = ("transformer", "mamba", "griffin", "hawk")
@@ -129,6 +129,6 @@ def _plot(lengths, times) -> None:
   ax.set_ylabel("fwd+bwd step time (s)")
   ax.legend()
   ax.grid(alpha=0.3, which="both")
-  RESULTS.mkdir(parents=True, exist_ok=True)
+  results_dir().mkdir(parents=True, exist_ok=True)
   fig.tight_layout()
-  fig.savefig(RESULTS / "scaling.png", dpi=120)
+  fig.savefig(results_dir() / "scaling.png", dpi=120)

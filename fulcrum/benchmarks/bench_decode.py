@@ -44,13 +44,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import RESULTS, device_description, write_results
 from fulcrum import recipes
-from fulcrum.platform import trainer
+from fulcrum.benchmarks.common import (
+  checkout_root,
+  device_description,
+  results_dir,
+  write_results,
+)
+from fulcrum.platform import workdir as workdir_lib
 from fulcrum.platform.decode import generate
-from fulcrum.platform.decode import kvquant as kq
+from fulcrum.platform.decode import kv_calibration as kq
+from fulcrum.platform.training import trainer
 
-RUNS = Path(__file__).resolve().parents[1] / "runs" / "bench_decode"
+RUNS = checkout_root() / "runs" / "bench_decode"
 # Tuned for a 2-core CPU, where every extra token in a forward pass costs real compute: one row
 # (G = 0) of 6 tokens, the window seeded with the pool's chained n-grams (the paper's 7B/A100
 # setting is W=15, N=5, G=15; its two-branch layout is measured in the sweep).
@@ -125,7 +131,7 @@ def _train(name: str, recipe: str, quick: bool, overrides: dict):
       config.train.checkpoint_every = 40
   workdir = RUNS / ("quick" if quick else "full") / name
   trainer.train(config, workdir)
-  return trainer.load_workdir(workdir)
+  return workdir_lib.load(workdir)
 
 
 def _prompts(exp, count: int, length: int) -> np.ndarray:
@@ -447,6 +453,6 @@ def run(quick: bool = False) -> dict:
   md = markdown(result)
   if quick:
     return {**result, "markdown": md}
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  _plot(result, RESULTS / "decode.png")
+  results_dir().mkdir(parents=True, exist_ok=True)
+  _plot(result, results_dir() / "decode.png")
   return write_results("decode", result, md)
