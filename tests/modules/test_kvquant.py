@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fulcrum.modules import kv_codebooks as kc
 from fulcrum.modules import kvquant as kq
 
 
@@ -136,9 +137,9 @@ def test_error_falls_with_bits(kv):
   fisher_k, fisher_v = rng.exponential(size=keys.shape), rng.exponential(size=values.shape)
   errors = {"nuq": [], "int": []}
   for bits in (2, 3, 4):
-    nuq = kq.calibrate(keys, fisher_k, values, fisher_v, bits, max_samples=20_000)
+    nuq = kc.calibrate(keys, fisher_k, values, fisher_v, bits, max_samples=20_000)
     assert nuq.bits == bits and nuq.outliers == 1 and nuq.key_mode == "channel"
-    uni = kq.uniform(bits, k, e)
+    uni = kc.uniform(bits, k, e)
     for name, spec in (("nuq", nuq), ("int", uni)):
       errors[name].append(
         (
@@ -157,8 +158,8 @@ def test_error_falls_with_bits(kv):
 
 def test_per_channel_keys_beat_per_token_keys(kv):
   k, e, keys, _, test_keys, _ = kv
-  per_token = kq.uniform(3, k, e, key_mode="token")
-  per_channel = kq.uniform(3, k, e, key_mode="channel", keys=keys)
+  per_token = kc.uniform(3, k, e, key_mode="token")
+  per_channel = kc.uniform(3, k, e, key_mode="channel", keys=keys)
   assert not per_token.pre_rope and per_channel.pre_rope
   err_token = rel_mse(roundtrip(test_keys, per_token, "key"), test_keys)
   err_channel = rel_mse(roundtrip(test_keys, per_channel, "key"), test_keys)
@@ -173,7 +174,7 @@ def test_fit_codebook_is_a_weighted_lloyd_fixed_point():
   rng = np.random.default_rng(0)
   samples = np.clip(0.4 * rng.standard_normal(4000), -1, 1)
   weights = rng.exponential(size=samples.size)
-  levels = kq.fit_codebook(samples, weights, 3, iters=1000).astype(np.float64)
+  levels = kc.fit_codebook(samples, weights, 3, iters=1000).astype(np.float64)
   assert levels.shape == (8,)
   assert np.all(np.diff(levels) > 0) and levels.min() >= -1 and levels.max() <= 1
   assign = nearest(samples, levels)
@@ -185,11 +186,11 @@ def test_fit_codebook_is_a_weighted_lloyd_fixed_point():
 
   # Fisher weighting pulls levels toward the heavily weighted samples.
   even = np.linspace(-1, 1, 2001)
-  plain = kq.fit_codebook(even, np.ones_like(even), 3, iters=200)
-  heavy = kq.fit_codebook(even, np.where(even > 0.5, 100.0, 1.0), 3, iters=200)
+  plain = kc.fit_codebook(even, np.ones_like(even), 3, iters=200)
+  heavy = kc.fit_codebook(even, np.where(even > 0.5, 100.0, 1.0), 3, iters=200)
   assert np.sum(heavy > 0.5) > np.sum(plain > 0.5)
   # Zero total weight falls back to uniform weights.
-  np.testing.assert_allclose(kq.fit_codebook(even, np.zeros_like(even), 3, iters=200), plain)
+  np.testing.assert_allclose(kc.fit_codebook(even, np.zeros_like(even), 3, iters=200), plain)
 
   # On Gaussian-like data the fitted levels beat the uniform grid in weighted MSE.
   def weighted_mse(book):
@@ -249,7 +250,7 @@ def test_matches_naive_reference(kind):
 
 
 def test_bytes_per_token():
-  spec = kq.uniform(3, 2, 64, key_mode="channel", keys=np.ones((1, 2, 64), np.float32))
+  spec = kc.uniform(3, 2, 64, key_mode="channel", keys=np.ones((1, 2, 64), np.float32))
   book = jnp.linspace(-1, 1, 8)
   spec = spec.replace(key_codebook=book, value_codebook=book, outliers=2)
   codes = 128 * 3 // 8
@@ -257,7 +258,7 @@ def test_bytes_per_token():
   values = codes + 2 + 2 + 2 * (1 + 2)
   assert kq.bytes_per_token(spec, 2, 64) == keys + values == 112
   keys, values = kv_data(300, 4, 64, seed=4)
-  nuq = kq.calibrate(keys, np.ones_like(keys), values, np.ones_like(values), 3)
+  nuq = kc.calibrate(keys, np.ones_like(keys), values, np.ones_like(values), 3)
   assert nuq.outliers == 3  # ceil(1% of 256)
   assert 2 * 256 * 2 / kq.bytes_per_token(nuq, 4, 64) > 4.5
   empty = kq.empty(3, 5, 4, 64, nuq, "key")
@@ -284,14 +285,14 @@ def test_jit_and_stacked_spec():
 
 def test_bad_arguments_are_refused():
   with pytest.raises(ValueError, match="bits in"):
-    kq.uniform(5, 2, 8)
+    kc.uniform(5, 2, 8)
   with pytest.raises(ValueError, match="bits in"):
-    kq.fit_codebook(np.zeros(4), np.ones(4), 6)
+    kc.fit_codebook(np.zeros(4), np.ones(4), 6)
   x = np.zeros((4, 2, 8), np.float32)
   with pytest.raises(ValueError, match=r"in \[0, 0.5\)"):
-    kq.calibrate(x, x, x, x, 3, outlier_fraction=0.5)
+    kc.calibrate(x, x, x, x, 3, outlier_fraction=0.5)
   with pytest.raises(ValueError, match="needs calibration keys"):
-    kq.uniform(3, 2, 8, key_mode="channel")
+    kc.uniform(3, 2, 8, key_mode="channel")
   spec = spec_for(np.linspace(-1, 1, 8), 1, 5)
   with pytest.raises(ValueError, match="multiple of 8"):
     kq.quantize(jnp.zeros((1, 1, 1, 5)), spec, "value")

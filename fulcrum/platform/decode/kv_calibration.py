@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fulcrum.modules import kvquant
+from fulcrum.modules import kv_codebooks, kvquant
 from fulcrum.modules.attention import KVCache, QuantizedKVCache
 from fulcrum.platform.decode import cache as cache_lib
 from fulcrum.platform.errors import UserError
@@ -174,7 +174,7 @@ def calibrate(
     group = []
     for _ in range(groups or 1):
       if method == "kvquant":
-        spec = kvquant.calibrate(
+        spec = kv_codebooks.calibrate(
           stats["keys"][layer],
           stats["key_fisher"][layer],
           stats["values"][layer],
@@ -185,7 +185,7 @@ def calibrate(
       else:
         k, e = kv.k.shape[-2:]
         keys = stats["keys"][layer] if method == "int-channel" else None
-        spec = kvquant.uniform(bits, k, e, key_mode=method.split("-")[1], keys=keys)
+        spec = kv_codebooks.uniform(bits, k, e, key_mode=method.split("-")[1], keys=keys)
       group.append(spec)
       layer += 1
     layer_specs.append(jax.tree.map(lambda *xs: jnp.stack(xs), *group) if groups else group[0])
