@@ -179,7 +179,8 @@ def test_attribution_tables_cover_every_architecture_and_method(monkeypatch):
   """`bench attribution`'s tables from a stand-in engine (the engine itself is tested in
   tests/platform): a timing entry for every architecture × method that applies, and the
   median AUCs per method with the `random` references, headline on the transformer. First,
-  for real on a small random Mamba, the engine calls the benchmark makes (private ones too)."""
+  for real on a small random Mamba, the engine calls the benchmark makes (`core.evaluate_batch`,
+  `maps.collect`, `maps.hidden_attention_of_layer`) and the layer it attributes at."""
   from types import SimpleNamespace
 
   import numpy as np
@@ -192,8 +193,13 @@ def test_attribution_tables_cover_every_architecture_and_method(monkeypatch):
   config = ba._config("mamba", quick=True)
   exp = SimpleNamespace(config=config, model=modules.build(config.model))
   params, x = random_params(exp.model, 0), np.arange(40, 50, dtype=np.int32)
-  for method in ("saliency", "integrated_gradients", "rollout"):
+  assert ba._layer_name(exp) == "blocks_0/output"
+  for method in ("saliency", "integrated_gradients", "layer", "rollout"):
     assert ba._peak_memory_mb(exp, params, x, method) > 0
+  scanned = ba._config("mamba", quick=True)
+  with scanned.unlocked():  # Stacked layers: the name `Subject.activation_names` gives them.
+    scanned.model.scan_layers = True
+  assert ba._layer_name(SimpleNamespace(config=scanned)) == "blocks/block/output[0]"
   subject, scores = Subject(exp.model, params, x), np.arange(10.0)[::-1]
   f = faithfulness(subject, scores, random_orders=1)
   assert ba._aucs(subject, scores) == pytest.approx((f["deletion_auc"], f["insertion_auc"]))

@@ -219,7 +219,7 @@ def test_bench_json_stdout_is_only_the_result(cli, monkeypatch):
   monkeypatch.setattr(
     importlib,
     "import_module",
-    lambda name, *a: fake if name == "benchmarks.bench_scan" else real(name, *a),
+    lambda name, *a: fake if name == "fulcrum.benchmarks.bench_scan" else real(name, *a),
   )
   code, out, err = cli("bench", "scan", "--quick", "--json")
   assert code == 0

@@ -20,9 +20,9 @@ Cost, per architecture and method (`timing`):
   call is timed), i.e. the method's compute, not XLA's compile time.
 - `peak_memory_mb`: XLA's compiled memory analysis (arguments + outputs + temporaries) of the
   largest compiled call the method makes: the batched forward/backward of
-  `core._evaluate` — 1 point for saliency and gradient × input, a chunk of 32 points
+  `core.evaluate_batch` — 1 point for saliency and gradient × input, a chunk of 32 points
   (`batch_size`) for integrated gradients, SmoothGrad and layer — or, for the map methods, the
-  larger of the forward pass that collects attention weights and taps (`maps._collect`) and
+  larger of the forward pass that collects attention weights and taps (`maps.collect`) and
   each recurrent layer's hidden-attention materialisation (compiled here as one call; the
   engine runs it op by op). Parameters count as arguments. Host-side numpy copies between
   calls are not included, and on a CPU the process RSS is no honest alternative: XLA keeps
@@ -36,7 +36,7 @@ Cost, per architecture and method (`timing`):
   the markdown counts the distinct ones.
 
 Faithfulness on the transformer (the headline) and on mamba (`faithfulness[arch]`): deletion
-and insertion AUC as `metrics.faithfulness` computes them (curves normalised so F(x) ↦ 1 and
+and insertion AUC as `faithfulness.faithfulness` computes them (curves normalised so F(x) ↦ 1 and
 F(pad baseline) ↦ 0; deletion lower is better, insertion higher), against the same curves
 under 8 random orderings (`random`). `layer` is scored where it attributes, by deleting /
 inserting the block output at the ranked positions (the layer activation of the pad input
@@ -77,8 +77,8 @@ from fulcrum.benchmarks.common import (
   results_dir,
   write_results,
 )
-from fulcrum.modules.griffin import RecurrentResidualBlock
-from fulcrum.modules.mamba import MambaBlock
+from fulcrum.modules import blocks
+from fulcrum.modules.model_config import ModelConfig
 from fulcrum.platform import workdir as workdir_lib
 from fulcrum.platform.attribution import (
   METHODS,
@@ -94,7 +94,6 @@ from fulcrum.platform.data import ByteTokenizer
 from fulcrum.platform.training import trainer
 
 RUNS = checkout_root() / "runs" / "bench_attribution"
-LMS = ("transformer", "mamba", "hawk", "griffin")
 # Architecture: (recipe, overrides). Every model trains the same steps on the same batches.
 ARCHS = {
   "transformer": ("demo", {}),
@@ -103,6 +102,7 @@ ARCHS = {
   "griffin": ("demo", {"model.arch": "griffin", "model.window": 32}),
   "dlinear": ("forecast", {}),
 }
+LMS = tuple(arch for arch in ARCHS if arch in blocks.BLOCK_ARCHS)  # The block-stack LMs.
 HEADLINE = "transformer"
 FAITHFULNESS_ARCHS = ("transformer", "mamba")
 GRADIENT_POINTS = {"saliency": 1, "grad_x_input": 1}  # Points per compiled call; others 32.
@@ -167,7 +167,11 @@ def _sequences(exp, count: int, length: int) -> list[np.ndarray]:
 
 
 def _layer_name(exp) -> str:
-  return f"blocks_{max(exp.config.model.num_layers // 2 - 1, 0)}/output"
+  """The middle block's tapped output: blocks_{L/2-1}/output, or blocks/block/output[i]."""
+  config = ModelConfig.from_mapping(exp.config.model)
+  layer = blocks.layer_paths(config)[max(config.num_layers // 2 - 1, 0)]
+  index = "" if layer.stacked is None else f"[{layer.stacked}]"
+  return "/".join((*layer.path, "output")) + index
 
 
 def _methods(arch: str, exp) -> list[str]:
@@ -199,15 +203,13 @@ def _peak_memory_mb(exp, params, x, method: str) -> float:
     inputs = jnp.broadcast_to(s.inputs, (m, *s.inputs.shape[1:]))
     target = (s.target.kind, s.target.indices())
     args = (model, s.params, inputs, z, s.z[None], *target, s.address, True)  # As `evaluate`.
-    return _megabytes(core._evaluate.lower(*args).compile())
+    return _megabytes(core.evaluate_batch.lower(*args).compile())
   inputs = jnp.asarray(np.asarray(x)[None])
-  peak = _megabytes(maps._collect.lower(model, params, inputs).compile())
-  inter, _ = maps._collect(model, params, inputs)
-  for block, path, index in maps._layer_paths(model):
-    if block in (MambaBlock, RecurrentResidualBlock):
-      fn = lambda p, i, b=block, pa=path, ix=index: maps.hidden_attention_of_layer(
-        model, p, i, b, pa, ix
-      )[0]
+  peak = _megabytes(maps.collect.lower(model, params, inputs).compile())
+  inter, _ = maps.collect(model, params, inputs)
+  for layer in maps.model_layers(model):
+    if layer.mixer != "attention":
+      fn = lambda p, i, layer=layer: maps.hidden_attention_of_layer(p, i, layer)[0]
       peak = max(peak, _megabytes(jax.jit(fn).lower(params, inter).compile()))
   return peak
 

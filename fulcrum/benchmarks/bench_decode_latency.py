@@ -17,8 +17,9 @@ from flax import linen as nn
 
 from fulcrum.benchmarks.common import device_description, time_call, write_results
 from fulcrum.modules import LM, ModelConfig, build
+from fulcrum.modules.blocks import BLOCK_ARCHS
 
-ARCHS = ("transformer", "mamba", "griffin", "hawk")
+ARCHS = BLOCK_ARCHS  # Every block stack.
 
 
 def _latency(model: LM, context: int, repeats: int) -> float:

@@ -31,10 +31,11 @@ import jax
 from fulcrum.benchmarks.common import device_description, results_dir, write_results
 from fulcrum.platform import config as config_lib
 from fulcrum.platform import sections
-from fulcrum.platform.optim import state_bytes
+from fulcrum.platform.optim import factory, state_bytes
 from fulcrum.platform.training import trainer
 
-OPTIMIZERS = ("adamw", "galore", "adam8bit", "galore8bit", "adamw_qat")
+# Every optimizer, and AdamW with int8 quantization-aware training.
+OPTIMIZERS = (*factory.OPTIMIZERS, "adamw_qat")
 
 # Per-run settings on top of the shared config (learning rates tuned on this model). The last
 # run is AdamW with int8 quantization-aware training of the model's matmuls (`model.quant`).

@@ -23,8 +23,9 @@ from flax import linen as nn
 
 from fulcrum.benchmarks.common import device_description, results_dir, time_call, write_results
 from fulcrum.modules import ModelConfig, build
+from fulcrum.modules.blocks import BLOCK_ARCHS
 
-ARCHS = ("transformer", "mamba", "griffin", "hawk")
+ARCHS = BLOCK_ARCHS  # Every block stack.
 MAX_FULL_ATTENTION_LEN = 8192  # On CPU; see the module docstring.
 
 

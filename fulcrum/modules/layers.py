@@ -16,7 +16,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 Dtype = jnp.dtype
 
-# Logical axis names; only platform/sharding.py maps them onto mesh axes.
+# Logical axis names; only platform/training/sharding.py maps them onto mesh axes.
 BATCH, LENGTH, EMBED, VOCAB = "batch", "length", "embed", "vocab"
 HEADS, KV_HEADS, HEAD_DIM, MLP = "heads", "kv_heads", "head_dim", "mlp"
 

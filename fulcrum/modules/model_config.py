@@ -43,7 +43,7 @@ class ModelConfig:
   tie_embeddings: bool = True  # Share the input embedding with the output projection.
   scan_layers: bool = False  # Stack identical blocks with nn.scan (faster compiles).
   remat: bool = False  # Rematerialise blocks in the backward pass (saves memory).
-  dtype: str = "float32"  # Compute dtype: float32 or bfloat16 (parameters stay float32).
+  dtype: str = "float32"  # Compute dtype (models.DTYPES); parameters stay float32.
   attention_impl: str = "auto"  # auto | xla | cudnn | reference (attention.AttentionImpl).
   # Decoding: recurrent layers return their state after every token of a chunk (not only the
   # last), so speculative and lookahead decoding can roll back to any accepted prefix. Set by

@@ -20,7 +20,9 @@ from fulcrum.modules.model_config import ModelConfig
 
 ARCHS = (*blocks.BLOCK_ARCHS, *LINEAR_ARCHS)
 HEADS = ("lm", "forecast")  # What a block stack outputs: next-token logits or forecasts.
-DTYPES = ("float32", "bfloat16")
+# Compute dtypes (parameters stay float32). float16 has no loss scaling here: for inference of
+# imported checkpoints (`hf.load_pretrained(dtype=...)`); train in bfloat16.
+DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = tuple(impl.value for impl in AttentionImpl)
 SCAN_IMPLS = tuple(impl.value for impl in scan.ScanImpl)
 

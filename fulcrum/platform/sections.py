@@ -22,7 +22,7 @@ from fulcrum.platform.config import Section
 from fulcrum.platform.data import pipeline
 from fulcrum.platform.decode import strategies
 from fulcrum.platform.optim import factory
-from fulcrum.platform.training import train_config
+from fulcrum.platform.training import tasks, train_config
 
 
 def model_defaults() -> ml_collections.ConfigDict:
@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that a type alone cannot; raises `UserError` naming the fix."""
+  tasks.check_name(config.get("task", "lm"))
   config_lib.check(config, SECTIONS)
 
 

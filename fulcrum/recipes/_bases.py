@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from fulcrum.platform.data import series
 from fulcrum.platform.sections import base_config
 
-__all__ = ["base_config", "byte_lm_config", "synthetic_config"]
+__all__ = ["base_config", "byte_lm_config", "forecast_config", "synthetic_config"]
 
 
 def byte_lm_config(
@@ -62,4 +63,15 @@ def synthetic_config(
   c.optimizer.learning_rate = 3e-3
   c.optimizer.warmup_steps = 100
   c.optimizer.weight_decay = 0.0
+  return c
+
+
+def forecast_config() -> ml_collections.ConfigDict:
+  """The base of forecasting recipes: `task = forecast` with the series keys (`data.series`,
+  `data.csv_path`, ...) that `fulcrum.platform.data.series` owns, at their defaults."""
+  c = base_config()
+  c.task = "forecast"
+  c.model.head = "forecast"  # Block stacks get the forecasting head, not the LM's logits.
+  for key, value in series.config_defaults().items():
+    c.data[key] = value
   return c

@@ -16,12 +16,11 @@ the naive last-value forecast; nlinear reaches about 0.006. About 20 s on 2 CPU 
   fulcrum train --recipe forecast --workdir runs/forecast_nlinear --set model.arch=nlinear
 """
 
-from fulcrum.recipes._bases import base_config
+from fulcrum.recipes._bases import forecast_config
 
 
 def get_config():
-  c = base_config()
-  c.task = "forecast"
+  c = forecast_config()
   c.train.steps = 1000  # ~27 epochs of the 1167 training windows.
   c.train.batch_size = 32
   c.train.seq_len = 336  # Unused by forecasting except in tokens_per_s (input steps per second).
@@ -30,7 +29,6 @@ def get_config():
   c.train.checkpoint_every = 500
 
   c.model.arch = "dlinear"  # dlinear | nlinear | transformer | mamba | hawk | griffin.
-  c.model.head = "forecast"  # Block stacks get the forecasting head, not the LM's logits.
   c.model.input_len = 336  # Input window L (time steps).
   c.model.horizon = 96  # Forecast horizon H (time steps).
   c.model.d_model = 64  # Block-stack forecasters only (as num_layers, num_heads, ...).
@@ -39,10 +37,4 @@ def get_config():
   c.optimizer.learning_rate = 5e-3  # LTSF-Linear's ETTh1 DLinear rate (Adam).
   c.optimizer.warmup_steps = 20
   c.optimizer.weight_decay = 0.0  # LTSF-Linear trains with plain Adam.
-
-  c.data.series = "co2_weekly"  # A committed series: co2_weekly, sunspots_monthly, ...
-  c.data.csv_path = ""  # Your ETT-layout CSV (date, channels...); overrides data.series.
-  c.data.columns = ""  # Comma-separated channels to use; "" = every column but date.
-  c.data.train_fraction = 0.7  # Chronological split: first 70% train,
-  c.data.test_fraction = 0.2  # last 20% test, the rest validation.
   return c

@@ -1,7 +1,8 @@
 """`fulcrum attribute` end to end, in process (`fulcrum.cli.main`; a subprocess per command costs
 ~5 s): a tiny LM workdir (integrated gradients with its metrics and HTML heatmap, a span target,
 rollout, layer attribution, a logit target) and a tiny forecaster workdir (PNG plots from a
-validation window and from typed values), and the one-line user errors (exit status 2).
+validation window and from typed values), and the one-line user errors (exit status 2). The
+workflow behind it, `fulcrum.platform.attribution.explain`, is also called as a library.
 """
 
 from __future__ import annotations
@@ -93,24 +94,78 @@ def assert_complete(summary: dict):
 
 
 def test_cli_lists_the_engines_methods():
-  """`--help` names the methods without importing jax; they must be the engine's."""
+  """`--method` accepts exactly the engine's methods, and `attribute --help` names them."""
   from fulcrum import cli as cli_lib
   from fulcrum.platform import attribution
 
   parser = cli_lib.build_parser()
   (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
   (method,) = [a for a in sub.choices["attribute"]._actions if "--method" in a.option_strings]
-  listed = [word for word in re.findall(r"[a-z_]+", method.help) if word != "or"]
-  assert listed == list(attribution.METHODS), method.help
+  assert tuple(method.choices) == attribution.METHODS
+  usage = sub.choices["attribute"].format_help()
+  assert "{" + ",".join(attribution.METHODS) + "}" in usage
 
 
 def test_user_errors_before_loading_a_model(cli, tmp_path):
+  from fulcrum.platform import attribution
+
   missing = tmp_path / "nothing"
   base = ("attribute", "--workdir", missing)
-  assert_user_error(cli(*base, "--input", "x", "--method", "nope"), "unknown method 'nope'")
+  # argparse rejects an unknown method (its `choices`) and lists the engine's.
+  unknown = cli(*base, "--input", "x", "--method", "nope")
+  assert_user_error(unknown, "--method", "invalid choice", "'nope'", *attribution.METHODS)
   assert_user_error(cli(*base, "--input", "", "--method", "saliency"), "--input is empty")
   assert_user_error(cli(*base, "--input", "x", "--method", "saliency"), "config.json")
   assert_user_error(cli(*base, "--input", "x"), "--method")  # Required.
+
+
+def test_library_user_errors_before_loading_a_model(tmp_path):
+  """`explain_workdir` checks its arguments itself: a library caller has no argparse."""
+  from fulcrum.platform.attribution import METHODS, explain
+  from fulcrum.platform.errors import UserError
+
+  missing = tmp_path / "nothing"
+  with pytest.raises(UserError, match=f"unknown method 'nope'; choose one of {', '.join(METHODS)}"):
+    explain.explain_workdir(missing, "x", "nope")
+  with pytest.raises(UserError, match="--input is empty"):
+    explain.explain_workdir(missing, "", "saliency")
+  with pytest.raises(UserError, match="config.json"):
+    explain.explain_workdir(missing, "x", "saliency")
+
+
+def test_render_lists_the_value_top_tokens_metrics_and_file():
+  """The plain-text report of a summary: the value, the top 8 tokens by score (LM only), the
+  AUCs / Spearman ρ / completeness gap (not F(x), F(x')), the file."""
+  from fulcrum.platform.attribution import explain
+
+  scores = [0.5, -1.0, 2.0, 0.0, 0.25, 0.125, 3.0, -0.5, 1.0, 0.75]
+  summary = {
+    "method": "integrated_gradients",
+    "target": {"description": "log p('x') at position 9", "value": -1.234567},
+    "attributions": scores,
+    "completeness_gap": 0.00123,
+    "steps": 64,
+    "metrics": {"deletion_auc": 0.25, "insertion_auc": 0.75, "f_x": -1.23, "f_baseline": -4.0},
+    "out": "/tmp/ig.html",
+    "tokens": list("abcdefghij"),
+    "baseline_target": -4.0,
+  }
+  assert explain.render(summary).split("\n") == [
+    "integrated_gradients: log p('x') at position 9 = -1.235",
+    "top tokens: 'g'@6 +3, 'c'@2 +2, 'i'@8 +1, 'j'@9 +0.75, 'a'@0 +0.5, 'e'@4 +0.25, "
+    "'f'@5 +0.125, 'd'@3 +0",
+    "  deletion_auc: 0.25",
+    "  insertion_auc: 0.75",
+    "  completeness_gap: 0.00123",
+    "saved: /tmp/ig.html",
+  ]
+  # A forecaster's summary has no tokens (and per-value scores): no top-tokens line.
+  series = {**summary, "attributions": [[1.0], [2.0]], "completeness_gap": None, "metrics": {}}
+  del series["tokens"]
+  assert explain.render(series).split("\n") == [
+    "integrated_gradients: log p('x') at position 9 = -1.235",
+    "saved: /tmp/ig.html",
+  ]
 
 
 def test_language_model_attribution(lm_workdir, cli):
@@ -179,6 +234,36 @@ def test_language_model_attribution(lm_workdir, cli):
     (("--method", "integrated_gradients", "--baseline", "mean"), "unknown baseline 'mean'"),
   ]:
     assert_user_error(cli("attribute", *base, *extra), message)
+
+
+def test_explain_workdir_as_a_library(lm_workdir, cli):
+  """`explain_workdir` returns what `--json` prints, and `render` what the CLI prints."""
+  from fulcrum.platform.attribution import explain
+  from fulcrum.platform.errors import UserError
+
+  args = dict(target="logit", token="(", metrics=False)
+  summary = explain.explain_workdir(lm_workdir, INPUT, "saliency", **args)
+  assert set(summary) == KEYS | {"tokens"} and summary["metrics"] == {}
+  assert summary["tokens"] == list(INPUT) and len(summary["attributions"]) == len(INPUT)
+  assert json.loads(json.dumps(summary)) == summary  # JSON-ready.
+  out = Path(lm_workdir) / "attribution" / "saliency.html"
+  assert summary["out"] == str(out) and out.is_file()
+  text = explain.render(summary)
+  value = summary["target"]["value"]
+  first = f"saliency: logit('(') at position {len(INPUT) - 1} = {value:.4g}"
+  assert text.splitlines()[0] == first
+  flags = ("--target", "logit", "--token", "(", "--no-metrics")
+  code, printed, err = cli("attribute", "--workdir", lm_workdir, "--input", INPUT,
+                           "--method", "saliency", *flags)  # fmt: skip
+  assert code == 0, err
+  assert printed == text + "\n"
+
+  for kwargs, message in [
+    (dict(method="layer"), "needs a layer name"),
+    (dict(method="saliency", token="ab"), "--token must be one byte-level token"),
+  ]:
+    with pytest.raises(UserError, match=message):
+      explain.explain_workdir(lm_workdir, INPUT, **kwargs)
 
 
 def test_forecaster_attribution(forecast_workdir, cli, tmp_path):

@@ -24,6 +24,7 @@ import scipy.stats
 from flax import linen as nn
 
 from fulcrum.modules import build, scan
+from fulcrum.modules.blocks import layer_paths
 from fulcrum.platform.attribution import (
   METHODS,
   Subject,
@@ -291,6 +292,11 @@ def test_scanned_transformer():
     Subject(model, params, x, target, layer="blocks/block/output")
   with pytest.raises(ValueError, match="has 2 layers"):
     Subject(model, params, x, target, layer="blocks/block/output[2]")
+  # The maps find stacked layers where `layer_paths` says they live.
+  maps = layer_maps(model, params, x[None])
+  assert [name for name, _, _ in maps] == ["blocks/block[0]", "blocks/block[1]"]
+  assert [name for name, _, _ in maps] == [layer.name for layer in layer_paths(model.config)]
+  assert [kind for _, kind, _ in maps] == ["attention", "attention"]
 
 
 def test_mamba():
@@ -351,6 +357,18 @@ def test_scanned_griffin():
 
 
 # Forecasters ----------------------------------------------------------------------------------
+
+
+def test_forecaster_maps_unroll_whatever_scan_layers_says():
+  """A block-stack forecaster unrolls its layers (blocks_i) even with `scan_layers`: the maps
+  read them there, and pick the hidden attention by the layer's mixer (mamba)."""
+  _, params, x, _ = case("mamba_forecaster")
+  model = build(dict(input_len=L, horizon=H, scan_layers=True, **FORECASTERS["mamba_forecaster"]))
+  alphas = hidden_attention(model, params, x[None])
+  assert list(alphas) == ["blocks_0"] and alphas["blocks_0"].shape == (32, L, L)  # Expand 2.
+  assert np.all(np.triu(alphas["blocks_0"], 1) == 0)
+  maps = layer_maps(model, params, x[None])
+  assert [(name, kind) for name, kind, _ in maps] == [("blocks_0", "mamba")]
 
 
 @pytest.mark.parametrize("name", FORECASTERS)

@@ -54,7 +54,7 @@ def test_bad_overrides(item, match):
     ("optimizer.name=sgd", "adamw, galore, adam8bit, galore8bit"),
     ("optimizer.galore.rank=0", "optimizer.galore.rank"),
     ("optimizer.galore.update_proj_gap=0", "update_proj_gap"),
-    ("optimizer.galore.side=middle", "auto, left or right"),
+    ("optimizer.galore.side=middle", "choose one of auto, left, right"),
     ("optimizer.quant.block_size=1", "optimizer.quant.block_size"),
     ("model.quant=int4", "none, int8, int8_weight, fp8"),
   ],

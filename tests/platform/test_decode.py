@@ -17,11 +17,21 @@ from scipy import stats
 
 from fulcrum.modules import build
 from fulcrum.modules.attention import KVCache
-from fulcrum.platform.decode import Sampling, generate
+from fulcrum.platform.decode import (
+  Cascade,
+  Draft,
+  Greedy,
+  Lookahead,
+  Sample,
+  Sampling,
+  Speculative,
+  generate,
+  strategies,
+)
 from fulcrum.platform.decode import cache as cache_lib
-from fulcrum.platform.decode.generate import with_history
+from fulcrum.platform.decode.loop import with_history
 from fulcrum.platform.decode.sampling import probabilities
-from fulcrum.platform.decode.speculative import deferral, mixture
+from fulcrum.platform.decode.speculative import RULES, deferral, mixture
 from tests.conftest import random_params
 
 VOCAB = 16
@@ -41,8 +51,8 @@ CONFIGS = {
 # Seeds whose random models give context-dependent greedy outputs on PROMPTS, with top-2 logit
 # gaps > 1e-3 (`reference` and test 1 check them).
 SEEDS = {"transformer": 2, "mamba": 2, "hawk": 5, "griffin": 5}
-LOOKAHEAD = (4, 3, 3)  # W, N, G.
-LOOKAHEAD_ONE_ROW = (5, 3, 0)  # G = 0: one row, pool n-grams chained into the window.
+LOOKAHEAD = Lookahead(window=4, ngram=3, candidates=3)
+LOOKAHEAD_ONE_ROW = Lookahead(window=5, ngram=3, candidates=0)  # One row, pool n-grams chained.
 GAMMA = 3
 
 
@@ -134,20 +144,18 @@ def _kwargs(name: str, kind: str) -> dict:
   if kind == "greedy":
     return {}
   if kind == "sampled_top_1":
-    return dict(strategy="sample", sampling=Sampling(1.0, top_k=1))
+    return dict(strategy=Sample(), sampling=Sampling(1.0, top_k=1))
   if kind == "lookahead":
-    return dict(strategy="lookahead", lookahead=LOOKAHEAD)
+    return dict(strategy=LOOKAHEAD)
   if kind == "lookahead_one_row":
-    return dict(strategy="lookahead", lookahead=LOOKAHEAD_ONE_ROW)
+    return dict(strategy=LOOKAHEAD_ONE_ROW)
   if name == "transformer":  # speculative, draft_only
     alpha = -1.0 if kind == "speculative" else 1.0  # chow: defer iff max q < 1 - alpha.
     return dict(
-      strategy="cascade", draft=model("mamba"), gamma=GAMMA, rule="chow", alpha=alpha,
+      strategy=Cascade(Draft(*model("mamba")), GAMMA, rule="chow", alpha=alpha),
       stop_tokens=[stop_token()],
-    )  # fmt: skip
-  return dict(
-    strategy="speculative", draft=model("hawk"), gamma=GAMMA, sampling=Sampling(1.0, top_k=1)
-  )
+    )
+  return dict(strategy=Speculative(Draft(*model("hawk")), GAMMA), sampling=Sampling(1.0, top_k=1))
 
 
 @functools.cache
@@ -178,14 +186,14 @@ def test_greedy_lookahead_and_speculative_equal_naive_greedy(name):
   assert [r.tolist() for r in greedy.rows()] == want.tolist()
   assert greedy.target_calls == NEW and greedy.draft_calls == 0
 
-  for kind, (w, n, _) in (("lookahead", LOOKAHEAD), ("lookahead_one_row", LOOKAHEAD_ONE_ROW)):
+  for kind, strategy in (("lookahead", LOOKAHEAD), ("lookahead_one_row", LOOKAHEAD_ONE_ROW)):
     if kind not in RUNS[name]:
       continue
     look = decoded(name, kind)
     np.testing.assert_array_equal(look.tokens, want)
     np.testing.assert_array_equal(look.lengths, [NEW] * 3)
     assert 1 <= look.target_calls <= greedy.target_calls
-    width = max(w, n)  # At most this many tokens a step, 1 at prefill.
+    width = max(strategy.window, strategy.ngram)  # At most this many tokens a step, 1 at prefill.
     assert 1 + (look.target_calls - 1) * width >= NEW
     assert look.draft_calls == 0
 
@@ -199,7 +207,7 @@ def test_greedy_lookahead_and_speculative_equal_naive_greedy(name):
     # The draft prefills once, then runs gamma + 1 calls a cascade round (the cascade's q at the
     # bonus position) and gamma a speculative one (the last draft is read with the next round's
     # first token).
-    cascade = _kwargs(name, "speculative")["strategy"] == "cascade"
+    cascade = isinstance(_kwargs(name, "speculative")["strategy"], Cascade)
     assert spec.draft_calls == 1 + (spec.target_calls - 1) * (GAMMA + cascade)
 
 
@@ -212,7 +220,7 @@ def test_lookahead_takes_several_tokens_a_call_when_the_output_repeats():
   """The n-gram pool (seeded by the prompt, fed by Jacobi iterations and the output) only helps
   when the greedy continuation repeats itself. Hawk's does here, in every row (the
   transformer's does not, which is why hawk is used)."""
-  n = LOOKAHEAD[1]
+  n = LOOKAHEAD.ngram
   want = reference("hawk", PROMPTS, NEW)
   assert all(_has_repeats(r, n) for r in want), want
   look = decoded("hawk", "lookahead")
@@ -223,12 +231,12 @@ def test_lookahead_takes_several_tokens_a_call_when_the_output_repeats():
   prompts = [(p + w.tolist())[-12:] for p, w in zip(PROMPTS, want, strict=True)]
   want = reference("hawk", prompts, NEW)
   m, params = model("hawk")
-  look = generate(m, params, prompts, NEW, strategy="lookahead", lookahead=LOOKAHEAD)
+  look = generate(m, params, prompts, NEW, strategy=LOOKAHEAD)
   np.testing.assert_array_equal(look.tokens, want)
   assert look.target_calls <= 4, (look.target_calls, want)  # > 2 tokens a call.
   # One row (G = 0): the window starts with the pool's n-grams chained (each continuing from
   # the last token of the one before), so a periodic continuation fills all W - 1 guesses.
-  one_row = generate(m, params, prompts, NEW, strategy="lookahead", lookahead=LOOKAHEAD_ONE_ROW)
+  one_row = generate(m, params, prompts, NEW, strategy=LOOKAHEAD_ONE_ROW)
   np.testing.assert_array_equal(one_row.tokens, want)
   assert one_row.target_calls <= 3, (one_row.target_calls, want)  # > 3 tokens a call.
 
@@ -267,12 +275,19 @@ def chi_square_p(samples: np.ndarray, expected: np.ndarray) -> float:
   return float(stats.chisquare(obs, exp).pvalue)
 
 
-def sampled(strategy: str = "speculative", alpha: float = 0.1, seed: int = 0):
-  """SAMPLES continuations of DIST_PROMPT (3 tokens) by a transformer with a mamba draft."""
+def sampled(cascade_alpha: float | None = None, seed: int = 0):
+  """SAMPLES continuations of DIST_PROMPT (3 tokens) by a transformer with a mamba draft:
+  speculative sampling, or a chow cascade with threshold `cascade_alpha`."""
   m, params = model("transformer")
+  draft = Draft(*model("mamba"))
+  strategy = (
+    Speculative(draft, gamma=2)
+    if cascade_alpha is None
+    else Cascade(draft, gamma=2, rule="chow", alpha=cascade_alpha)
+  )
   return generate(
     m, params, [DIST_PROMPT] * SAMPLES, 3, strategy=strategy, sampling=Sampling(TEMPERATURE),
-    draft=model("mamba"), gamma=2, rule="chow", alpha=alpha, seed=seed,
+    seed=seed,
   )  # fmt: skip
 
 
@@ -294,7 +309,7 @@ def test_speculative_sampling_preserves_the_target_distribution():
 def test_cascade_deferring_always_is_speculative_and_never_is_the_draft():
   """chow defers when max q < 1 - alpha: alpha = -1 always (delta = 1: speculative decoding),
   alpha = 1 never (delta = 0: the drafter alone). alpha is traced: one executable for both."""
-  always, never = sampled("cascade", alpha=-1.0), sampled("cascade", alpha=1.0)
+  always, never = sampled(cascade_alpha=-1.0), sampled(cascade_alpha=1.0)
   speculative = sampled()
   np.testing.assert_array_equal(always.tokens, speculative.tokens)  # Same seed, same tokens.
   assert always.target_calls == speculative.target_calls
@@ -441,20 +456,13 @@ def test_commit_keeps_each_rows_state_after_its_last_accepted_token(name):
 
 def test_bad_inputs_raise_value_errors():
   m, params = model("transformer")
-  draft = model("mamba")
   other_vocab = build(dict(vocab_size=VOCAB + 1, **CONFIGS["mamba"]))
   cases = [
     (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
     (dict(prompts=[]), "no prompts"),
-    (dict(strategy="beam"), "unknown strategy 'beam'"),
-    (dict(strategy="speculative"), "needs a draft model"),
-    (dict(strategy="cascade"), "needs a draft model"),
-    (dict(strategy="speculative", draft=(other_vocab, None)), r"draft's vocabulary \(17"),
-    (dict(strategy="cascade", draft=draft, rule="best"), "unknown cascade rule"),
-    (dict(strategy="speculative", draft=draft, gamma=0), "gamma"),
-    (dict(strategy="lookahead", lookahead=(0, 3, 3)), "W >= 1"),
-    (dict(strategy="lookahead", lookahead=(4, 1, 3)), "N >= 2"),
-    (dict(strategy="lookahead", temperature=1.0), "greedy"),
+    (dict(strategy="speculative"), "strategy must be a strategy value.*'speculative'"),
+    (dict(strategy=Speculative(Draft(other_vocab, None))), r"draft's vocabulary \(17"),
+    (dict(strategy=LOOKAHEAD, sampling=Sampling(temperature=1.0)), "lookahead decoding is greedy"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_len=12 + NEW - 1), "context limit of 21"),
   ]
@@ -465,6 +473,98 @@ def test_bad_inputs_raise_value_errors():
   # Exactly at the limit is fine (and reuses the compiled greedy decode).
   out = generate(m, params, PROMPTS, NEW, max_len=12 + NEW)
   np.testing.assert_array_equal(out.tokens, decoded("transformer", "greedy").tokens)
+
+
+def test_strategies_validate_themselves():
+  draft = Draft(*model("mamba"))
+  cases = [
+    (lambda: Lookahead(window=0), "W >= 1"),
+    (lambda: Lookahead(ngram=1), "N >= 2"),
+    (lambda: Lookahead(candidates=-1), "G >= 0"),
+    (lambda: Lookahead(window=2.5), "integers"),
+    (lambda: Speculative(draft, gamma=0), "gamma"),
+    (lambda: Cascade(draft, gamma=0), "gamma"),
+    (lambda: Speculative(None), "needs a draft model"),
+    (lambda: Cascade((draft.model,)), "needs a draft model"),
+    (lambda: Cascade(draft, rule="best"), "unknown cascade rule 'best'; choose one of chow, diff"),
+    (lambda: Lookahead().sampling_for(Sampling(temperature=0.5)), "lookahead decoding is greedy"),
+  ]
+  for make, message in cases:
+    with pytest.raises(ValueError, match=message):
+      make()
+  # A (model, params) pair is a Draft; the rules are speculative.RULES.
+  assert isinstance(Speculative(tuple(draft)).draft, Draft)
+  for rule in RULES:
+    assert Cascade(draft, rule=rule).deferral == (rule, 0.1)
+  assert Speculative(draft).deferral == ("target", 0.0)
+  # Default sampling: greedy for all but Sample (temperature 1); Greedy ignores what it is given.
+  assert Sample().sampling_for(None) == Sampling(temperature=1.0)
+  assert Sample().sampling_for(Sampling(0.3, top_k=2)) == Sampling(0.3, top_k=2)
+  for strategy in (Greedy(), Lookahead(), Speculative(draft), Cascade(draft)):
+    assert strategy.sampling_for(None) == Sampling(), strategy
+  assert Greedy().sampling_for(Sampling(temperature=0.7)) == Sampling()
+  assert Speculative(draft).sampling_for(Sampling(0.7)) == Sampling(0.7)
+
+
+def test_the_strategy_registry_is_the_classes():
+  classes = (Greedy, Sample, Lookahead, Speculative, Cascade)
+  assert tuple(cls.name for cls in classes) == strategies.STRATEGIES
+  assert strategies.STRATEGIES == ("greedy", "sample", "lookahead", "speculative", "cascade")
+  assert all(strategies.BY_NAME[cls.name] is cls for cls in classes)
+  with pytest.raises(ValueError, match="unknown strategy 'beam'; choose one of greedy, sample"):
+    strategies.strategy_class("beam")
+  # The section's defaults are the classes' own.
+  d = strategies.config_defaults()
+  assert (d.lookahead_window, d.lookahead_ngram, d.lookahead_candidates) == (7, 5, 7)
+  assert Lookahead() == Lookahead(d.lookahead_window, d.lookahead_ngram, d.lookahead_candidates)
+  assert (d.gamma, d.cascade_rule, d.cascade_alpha) == (4, "opt", 0.1)
+  assert (d.top_k, d.top_p) == (Sampling().top_k, Sampling().top_p)
+
+
+def test_config_and_cli_overrides_resolve_to_a_strategy_and_its_sampling():
+  d = strategies.config_defaults()
+  draft = Draft(*model("mamba"))
+  resolve = functools.partial(strategies.from_config, d)
+  # sample: decode.temperature (0.8), not Sample's own default of 1.
+  assert resolve(strategy="sample") == (Sample(), Sampling(temperature=d.temperature))
+  assert resolve(strategy="sample", temperature=0.3, top_k=5)[1] == Sampling(0.3, top_k=5)
+  # speculative / cascade: greedy unless a temperature is given.
+  spec, sampling = resolve(strategy="speculative", draft=draft)
+  assert isinstance(spec, Speculative) and not isinstance(spec, Cascade)
+  assert spec.draft is draft and spec.gamma == d.gamma and sampling == Sampling()
+  assert resolve(strategy="speculative", draft=draft, temperature=0.5)[1] == Sampling(0.5)
+  cascade, sampling = resolve(strategy="cascade", draft=draft, gamma=2, rule="chow")
+  assert (cascade.gamma, cascade.rule, cascade.alpha) == (2, "chow", d.cascade_alpha)
+  assert sampling == Sampling()
+  # greedy / lookahead: always greedy, whatever temperature is given.
+  assert resolve() == (Greedy(), Sampling())
+  assert resolve(strategy="greedy", temperature=0.9) == (Greedy(), Sampling())
+  assert resolve(strategy="lookahead", temperature=0.9) == (Lookahead(), Sampling())
+  assert resolve(strategy="lookahead", lookahead=(4, 3, 0))[0] == Lookahead(4, 3, 0)
+  # The section's own strategy, and the values each strategy refuses.
+  d.strategy, d.temperature = "sample", 0.6
+  assert resolve() == (Sample(), Sampling(temperature=0.6))
+  for kw, message in [
+    (dict(strategy="speculative"), "needs a draft model"),
+    (dict(strategy="lookahead", lookahead=(0, 3, 3)), "W >= 1"),
+    (dict(strategy="lookahead", lookahead=(4, 3)), "W, N, G"),
+    (dict(strategy="cascade", draft=draft, rule="best"), "unknown cascade rule"),
+    (dict(strategy="sample", top_p=0.0), "top_p"),
+    (dict(strategy="beam"), "unknown strategy"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      resolve(**kw)
+  # The section is checked by the same values.
+  for key, value, message in [
+    ("lookahead_ngram", 1, "decode.*: lookahead needs.*N >= 2"),
+    ("gamma", 0, "decode.*: gamma"),
+    ("temperature", -1.0, "decode.*: temperature must be >= 0"),
+  ]:
+    section = strategies.config_defaults()
+    section[key] = value
+    with pytest.raises(ValueError, match=message):
+      strategies.validate_config(section)
+  strategies.validate_config(strategies.config_defaults())
 
 
 def test_hugging_face_checkpoint_decodes_with_every_lossless_strategy():
@@ -484,8 +584,8 @@ def test_hugging_face_checkpoint_decodes_with_every_lossless_strategy():
     for j in range(len(prompt), len(prompt) + n):
       buf[0, j] = int(np.argmax(forward(params, jnp.asarray(buf))[0, j - 1]))
     np.testing.assert_array_equal(row, buf[0, len(prompt) :])
-  lookahead = generate(model, params, prompts, n, strategy="lookahead", lookahead=(3, 3, 2))
+  lookahead = generate(model, params, prompts, n, strategy=Lookahead(3, 3, 2))
   np.testing.assert_array_equal(lookahead.tokens, greedy.tokens)
-  spec = generate(model, params, prompts, n, strategy="speculative", draft=(model, params), gamma=2)
+  spec = generate(model, params, prompts, n, strategy=Speculative(Draft(model, params), gamma=2))
   np.testing.assert_array_equal(spec.tokens, greedy.tokens)
   assert spec.target_calls < greedy.target_calls  # A self-draft is always accepted.

@@ -17,6 +17,7 @@ import pytest
 from fulcrum.modules import build
 from fulcrum.modules import kvquant as kvquant_math
 from fulcrum.platform.decode import kv_calibration as kq
+from fulcrum.platform.decode.cache import quantized_cache
 from tests.conftest import random_params, tiny_overrides
 
 VOCAB = 32
@@ -60,7 +61,7 @@ def _decode(name: str):
 def chunk_logits(name: str, quant) -> np.ndarray:
   """Logits of DATA prefilled in one chunk through a quantized cache."""
   m, params = model(name)
-  cache = kq.quantized_cache(m.init_cache(*DATA.shape), quant)
+  cache = quantized_cache(m.init_cache(*DATA.shape), quant)
   return np.asarray(_decode(name)(params, DATA, POSITIONS, cache)[0])
 
 
@@ -79,7 +80,7 @@ def test_quantized_prefill_equals_decoding_token_by_token(name, method):
   # thresholds off them by 0.1%.
   nudge = lambda s: s.replace(key_scale=s.key_scale * 1.001)
   quant = jax.tree.map(nudge, quant, is_leaf=lambda x: isinstance(x, kvquant_math.KVQuantSpec))
-  empty = kq.quantized_cache(m.init_cache(*DATA.shape), quant)  # Griffin: a 4-slot ring buffer.
+  empty = quantized_cache(m.init_cache(*DATA.shape), quant)  # Griffin: a 4-slot ring buffer.
   logits, chunk_cache = _decode(name)(params, DATA, POSITIONS, empty)
   cache, step_logits = empty, []
   for i in range(DATA.shape[1]):
@@ -234,5 +235,6 @@ def test_calibrate_and_decode_commands(workdir, cli, tmp_path):
     cli(*decode, "--strategy", "speculative", "--draft-workdir", missing), "config.json"
   )
   assert_user_error(cli(*decode, "--strategy", "lookahead", "--lookahead", "0,3,3"), "W >= 1")
+  assert_user_error(cli(*decode, "--strategy", "lookahead", "--lookahead", "4,3"), "W,N,G")
   over = ("decode", "--workdir", workdir, "--prompt", "x" * 10, "--max-new-tokens", 4090)
   assert_user_error(cli(*over), "context limit")

@@ -244,7 +244,7 @@ def test_bad_data_settings_raise_user_errors(data_dir, tmp_path, ramp_csv):
 def test_task_checks_its_config(data_dir, ramp_csv):
   base = sections.base_config()
   base.task = "forecast"
-  with pytest.raises(UserError, match="needs the keys model.head, model.input_len"):
+  with pytest.raises(UserError, match="needs the keys data.columns, data.csv_path, data.series"):
     Forecasting(base)
   with pytest.raises(UserError, match="cannot forecast"):
     Forecasting(make_config(data_dir, **{"model.arch": "lstm"}))

@@ -24,7 +24,7 @@ def intra_chunk_order() -> segment.Order:
   """How a chunk's steps are evaluated on this backend.
 
   CPU: `sequential` — a static loop XLA fuses into one pass over the chunk. Measured 2-4× faster
-  than the associative scan there (the `chunked_associative` rows of benchmarks/bench_scan.py),
+  than the associative scan there (`chunked_associative` rows of fulcrum/benchmarks/bench_scan.py),
   whose log-depth passes each stream the chunk through memory, while CPU parallelism comes from
   the vector units anyway.
   GPU/TPU: `associative` — the O(log c)-depth prefix that keeps the parallel units busy

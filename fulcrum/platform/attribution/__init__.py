@@ -6,7 +6,9 @@
 
 Methods: saliency, grad_x_input, integrated_gradients, smoothgrad (gradients at the embeddings
 or series values, `core.py`), rollout and hidden_attention (token-mixing maps, `maps.py`), and
-layer (integrated gradients at any tapped activation, by name).
+layer (integrated gradients at any tapped activation, by name). `explain.py` is the
+`fulcrum attribute` workflow on a workdir (`explain_workdir`, `render`); it is not imported
+here, so the engine loads without the trainer's workdir machinery.
 """
 
 from __future__ import annotations

@@ -157,7 +157,8 @@ def _forward(model, params, inputs, z, base, kind: str, idx, address: Address | 
 
 
 @functools.partial(jax.jit, static_argnames=("model", "kind", "address", "grad"))
-def _evaluate(model, params, inputs, z, base, kind, idx, address, grad):
+def evaluate_batch(model, params, inputs, z, base, kind, idx, address, grad):
+  """F at a batch z [m, ...] of replacement activations, and ∂F/∂z with `grad` (jitted)."""
   f = lambda z: _forward(model, params, inputs, z, base, kind, idx, address)
   if not grad:
     return f(z), None
@@ -299,7 +300,7 @@ class Subject:
       if size > n:
         pad = jnp.broadcast_to(chunk[-1:], (size - n, *chunk.shape[1:]))
         chunk = jnp.concatenate([chunk, pad])
-      v, g = _evaluate(
+      v, g = evaluate_batch(
         self.model,
         self.params,
         self._batched_inputs(chunk.shape[0]),

@@ -15,7 +15,8 @@ across it.
 Rollout (Abnar & Zuidema 2020): R = Π_l (0.5·Ā_l + 0.5·I), each factor row-normalised, Ā_l the
 layer's map (attention: mean over heads; hidden attention: mean |α| over channels). The row of
 the explained position scores the input tokens. Griffin's layers contribute attention or hidden
-attention as they are.
+attention as they are. Layers are found through `fulcrum.modules.blocks.layer_paths` (the one
+owner of the parameter layout) and handled by their `mixer` kind, never by block class.
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ import numpy as np
 from flax import linen as nn
 from jaxtyping import Array, Float
 
-from fulcrum.modules.griffin import AttentionResidualBlock, RecurrentResidualBlock
-from fulcrum.modules.lm import block_pattern
-from fulcrum.modules.mamba import MambaBlock
-from fulcrum.modules.transformer import TransformerBlock
+from fulcrum.modules import blocks
+from fulcrum.modules.blocks import LayerPath
+from fulcrum.modules.forecasting import SequenceForecaster
 
 
 def _segment_sums(x: Float[Array, "b t f"]) -> Float[Array, "b t s f"]:
@@ -85,37 +85,25 @@ def _channel_map(alpha: Float[Array, "b f t s"]) -> Float[Array, "b t s"]:
   return jnp.abs(alpha).mean(1)
 
 
-def _layer_paths(model) -> list[tuple[type, tuple[str, ...], int | None]]:
-  """(block class, path, stacked index) of every layer in order."""
-  from fulcrum.modules.forecasting import SequenceForecaster
+def model_layers(model) -> list[LayerPath]:
+  """Every layer of `model`'s block stack, in order (`fulcrum.modules.blocks.layer_paths`).
 
+  Raises:
+    ValueError: the model has no block stack (DLinear, NLinear).
+  """
   c = getattr(model, "config", None)
-  if c is None or getattr(c, "arch", None) not in ("transformer", "mamba", "hawk", "griffin"):
+  if c is None or getattr(c, "arch", None) not in blocks.BLOCK_ARCHS:
     raise ValueError(
       f"{type(model).__name__} has no token-mixing layers to roll out; use a gradient method "
       "(saliency, grad_x_input, integrated_gradients, smoothgrad)"
     )
-  scanned = c.scan_layers and not isinstance(model, SequenceForecaster)  # Forecasters unroll.
-  pattern = block_pattern(c.arch)
-  layers = []
-  for i in range(c.num_layers):
-    block = pattern[i % len(pattern)]
-    if scanned:
-      name = "block" if len(pattern) == 1 else f"block_{i % len(pattern)}"
-      layers.append((block, ("blocks", name), i // len(pattern)))
-    else:
-      layers.append((block, (f"blocks_{i}",), None))
-  return layers
-
-
-def _sub(tree, path, index):
-  for p in path:
-    tree = tree[p]
-  return tree if index is None else jax.tree.map(lambda a: a[index], tree)
+  # A forecaster unrolls its stack whatever `scan_layers` says.
+  return blocks.layer_paths(c, scanned=False if isinstance(model, SequenceForecaster) else None)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _collect(model, params, inputs):
+def collect(model, params, inputs):
+  """(intermediates, attention weights) of one forward pass: the taps and maps read here."""
   _, state = model.apply({"params": params}, inputs, mutable=["intermediates", "attention"])
   return state.get("intermediates", {}), state.get("attention", {})
 
@@ -126,44 +114,46 @@ def layer_maps(model, params, inputs) -> list[tuple[str, str, np.ndarray]]:
   kind: attention (mean over heads), mamba or rg_lru (mean |α| over channels). Layers without
   token mixing are absent. For the full α per channel use `hidden_attention`.
   """
+  layers = model_layers(model)
   params = nn.meta.unbox(params)
-  inter, attn = _collect(model, params, inputs)
+  inter, attn = collect(model, params, inputs)
   out = []
-  for block, path, index in _layer_paths(model):
-    name = "/".join(path) + ("" if index is None else f"[{index}]")
-    if block in (TransformerBlock, AttentionResidualBlock):
-      sub = "attn" if block is TransformerBlock else "attention_block"
-      weights = _sub(attn, path, index)[sub]["weights"][0]  # [1, h, t, s]
-      out.append((name, "attention", np.asarray(weights[0].mean(0))))
+  for layer in layers:
+    if layer.mixer == "attention":
+      weights = layer.subtree(attn, *layer.block.mixer_path)["weights"][0]  # [1, h, t, s]
+      out.append((layer.name, "attention", np.asarray(weights[0].mean(0))))
     else:
-      alpha, kind = hidden_attention_of_layer(model, params, inter, block, path, index)
-      out.append((name, kind, np.asarray(_channel_map(alpha)[0])))
+      alpha, kind = hidden_attention_of_layer(params, inter, layer)
+      out.append((layer.name, kind, np.asarray(_channel_map(alpha)[0])))
   return out
 
 
-def hidden_attention_of_layer(model, params, inter, block, path, index):
-  """(α [b, f, t, s], kind) of one recurrent layer from its tapped activations."""
-  if block is MambaBlock:
-    acts = _sub(inter, path, index)["mixer"]
-    p = _sub(params, path, index)["mixer"]
-    A = -jnp.exp(p["A_log"])
+def hidden_attention_of_layer(params, inter, layer: LayerPath):
+  """(α [b, f, t, s], kind) of one recurrent layer from its tapped activations.
+
+  Args:
+    params: the model's (unboxed) parameters.
+    inter: its "intermediates" collection (`collect`).
+    layer: the layer (`model_layers`); its `mixer` is mamba or rg_lru.
+  """
+  acts = layer.subtree(inter, *layer.block.mixer_path)
+  if layer.mixer == "mamba":
+    A = -jnp.exp(layer.subtree(params, *layer.block.mixer_path)["A_log"])
     return mamba_hidden_attention(acts["dt"][0], A, acts["B"][0], acts["C"][0]), "mamba"
-  if block is RecurrentResidualBlock:
-    acts = _sub(inter, path, index)["recurrent_block"]["rg_lru"]
+  if layer.mixer == "rg_lru":
     return rglru_hidden_attention(acts["a"][0], acts["input_scale"][0]), "rg_lru"
-  raise ValueError(f"{block.__name__} has no hidden attention")
+  raise ValueError(f"{layer.name} ({layer.mixer}) has no hidden attention")
 
 
 def hidden_attention(model, params, inputs) -> dict[str, np.ndarray]:
   """The full hidden attention α [f, t, s] of every recurrent layer of one example, by layer."""
   params = nn.meta.unbox(params)
-  inter, _ = _collect(model, params, inputs)
-  out = {}
-  for block, path, index in _layer_paths(model):
-    if block in (MambaBlock, RecurrentResidualBlock):
-      alpha, _ = hidden_attention_of_layer(model, params, inter, block, path, index)
-      out["/".join(path) + ("" if index is None else f"[{index}]")] = np.asarray(alpha[0])
-  return out
+  layers = [layer for layer in model_layers(model) if layer.mixer != "attention"]
+  inter, _ = collect(model, params, inputs)
+  return {
+    layer.name: np.asarray(hidden_attention_of_layer(params, inter, layer)[0][0])
+    for layer in layers
+  }
 
 
 def _row_normalise(m: np.ndarray) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""Data: the offline text corpora (TFDS builders), grain pipelines and the byte tokenizer."""
+"""Data: the offline text corpora (TFDS builders), grain pipelines and the byte tokenizer.
+
+Forecasting series live in `series` (splits, windows, iterators) over `series_store` (CSVs and
+their TFDS builder).
+"""
 
 from fulcrum.platform.data.pipeline import (
   data_config_summary,

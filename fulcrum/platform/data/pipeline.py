@@ -42,8 +42,8 @@ _TOKENIZER = ByteTokenizer()
 
 
 def config_defaults() -> ml_collections.ConfigDict:
-  """Every `data.*` key the text pipeline reads, with its default. Tasks with other data add
-  their own keys in their recipe base (`fulcrum/recipes/_bases.py`)."""
+  """Every `data.*` key the text pipeline reads, with its default. Tasks with other data own
+  their keys beside their data (e.g. `series.config_defaults`)."""
   c = ml_collections.ConfigDict()
   c.tfds_name = ""  # A registered TFDS dataset (e.g. "lm1b"); "" = the built-in corpus.
   c.text_files = ""  # Glob of the user's text files; "" = Python stdlib sources.
@@ -237,9 +237,21 @@ def _packed(
   return it.map(_ToInputsTargets())
 
 
-def _check_shapes(seq_len: int, batch_size: int, process_index: int, process_count: int) -> int:
-  if seq_len <= 0:
-    raise UserError(f"train.seq_len must be positive, got {seq_len}")
+def per_host_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
+  """Checks a global batch size against the hosts and returns each host's share.
+
+  Args:
+    batch_size: global batch size (`train.batch_size`).
+    process_index: this host's index.
+    process_count: number of hosts.
+
+  Returns:
+    batch_size // process_count.
+
+  Raises:
+    UserError: a non-positive batch size, or one the host count does not divide.
+    ValueError: process_index outside [0, process_count).
+  """
   if batch_size <= 0:
     raise UserError(f"train.batch_size must be positive, got {batch_size}")
   if process_count <= 0 or not 0 <= process_index < process_count:
@@ -250,6 +262,12 @@ def _check_shapes(seq_len: int, batch_size: int, process_index: int, process_cou
       f"({process_count}); use a multiple of {process_count}"
     )
   return batch_size // process_count
+
+
+def _check_shapes(seq_len: int, batch_size: int, process_index: int, process_count: int) -> int:
+  if seq_len <= 0:
+    raise UserError(f"train.seq_len must be positive, got {seq_len}")
+  return per_host_batch_size(batch_size, process_index, process_count)
 
 
 def _to_json(value: Any) -> Any:
@@ -282,8 +300,12 @@ def _from_json(value: Any) -> Any:
   return value
 
 
-class _ResumableIterator(grain.DatasetIterator):
-  """Wraps the pipeline iterator: JSON-safe state, checked against the pipeline's settings."""
+class ResumableIterator(grain.DatasetIterator):
+  """Wraps a training iterator: JSON-safe state, checked against the pipeline's settings.
+
+  `fingerprint` holds the settings that fix the data order (source, sizes, seed, hosts);
+  `set_state` refuses a state saved under different ones.
+  """
 
   def __init__(self, parent: grain.DatasetIterator, fingerprint: dict[str, Any]):
     super().__init__(parent)
@@ -376,7 +398,7 @@ def make_train_iterator(
     "process_count": process_count,
     "num_workers": num_workers,
   }
-  return _ResumableIterator(iter(batches), fingerprint)
+  return ResumableIterator(iter(batches), fingerprint)
 
 
 def make_eval_batches(

@@ -1,4 +1,5 @@
-"""Cache surgery for multi-token decoding: copy rows, keep an accepted prefix, roll back.
+"""Cache surgery for multi-token decoding: copy rows, keep an accepted prefix, roll back; and the
+quantized KV cache a model decodes with when given KV-cache specs.
 
 A model's cache is a pytree of per-layer caches: `KVCache` / `QuantizedKVCache` (attention,
 rolled back by forgetting positions) and `MambaCache` / `RecurrentCache` (recurrent state,
@@ -24,12 +25,13 @@ ATTENTION = (KVCache, QuantizedKVCache)
 RECURRENT = (MambaCache, RecurrentCache)
 
 
-def _is_layer_cache(x: Any) -> bool:
+def is_layer_cache(x: Any) -> bool:
+  """Whether `x` is one layer's cache (the `is_leaf` of a walk over a model's cache)."""
   return isinstance(x, ATTENTION + RECURRENT)
 
 
 def _map_layers(fn, cache: Any) -> Any:
-  return jax.tree.map(fn, cache, is_leaf=_is_layer_cache)
+  return jax.tree.map(fn, cache, is_leaf=is_layer_cache)
 
 
 def _map_fields(node: Any, fn) -> Any:
@@ -87,7 +89,7 @@ def restore(cache: Any, stacked: Any, index: Int[Array, " b"], lengths: Int[Arra
     index: per row, the step whose state to keep.
     lengths: per row, the sequence length to keep (attention forgets positions >= it).
   """
-  flat_stacked = iter(jax.tree.leaves(stacked, is_leaf=lambda x: x is None or _is_layer_cache(x)))
+  flat_stacked = iter(jax.tree.leaves(stacked, is_leaf=lambda x: x is None or is_layer_cache(x)))
 
   def keep(node):
     saved = next(flat_stacked)
@@ -96,3 +98,24 @@ def restore(cache: Any, stacked: Any, index: Int[Array, " b"], lengths: Int[Arra
     return _map_fields(saved, lambda a, ax: _pick(a, index, 0, ax))
 
   return _map_layers(keep, cache)
+
+
+def quantized_cache(cache: Any, specs: Any) -> Any:
+  """`cache` with every attention layer's `KVCache` replaced by an empty `QuantizedKVCache`.
+
+  Args:
+    cache: a model's empty cache (`init_cache`).
+    specs: KV-cache specs shaped like it (`kv_calibration.calibrate` or `load`): a
+      `KVQuantSpec` at each attention layer (stacked with `scan_layers`), None elsewhere.
+  """
+
+  def convert(node, spec):
+    if not isinstance(node, KVCache):
+      return node
+    b, s, k, e = node.k.shape[-4:]
+    init = lambda sp: QuantizedKVCache.init(b, s, k, e, sp)
+    for _ in range(node.k.ndim - 4):  # Stacked layers: one cache per stacked spec.
+      init = jax.vmap(init)
+    return init(spec)
+
+  return jax.tree.map(convert, cache, specs, is_leaf=is_layer_cache)

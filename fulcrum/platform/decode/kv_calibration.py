@@ -5,7 +5,8 @@ keys (pre-RoPE) and values together with the squared gradients of the loss with 
 them (the diagonal Fisher information KVQuant weighs its k-means with), and fits one
 `kvquant.KVQuantSpec` per layer. The specs form a pytree shaped like the model's cache
 (attention layers → spec, recurrent layers → None; stacked for `scan_layers`), which
-`quantized_cache` uses to replace each `KVCache` with a `QuantizedKVCache`.
+`cache.quantized_cache` uses to replace each `KVCache` with a `QuantizedKVCache`. Where each
+layer's parameters, activations and cache live comes from `modules.blocks.layer_paths`.
 
 Methods (`method`): "kvquant" (NUQ codebooks, per-channel pre-RoPE keys, 1% dense-and-sparse
 outliers), "int-token" (uniform, keys and values per token, post-RoPE: the usual integer
@@ -19,69 +20,48 @@ import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fulcrum.modules import kv_codebooks, kvquant
-from fulcrum.modules.attention import KVCache, QuantizedKVCache
-from fulcrum.platform.decode import cache as cache_lib
+from fulcrum.modules.attention import KVCache
+from fulcrum.modules.blocks import LayerPath, layer_groups, layer_paths
+from fulcrum.platform.decode.cache import is_layer_cache, quantized_cache
 from fulcrum.platform.errors import UserError
 
 METHODS = ("kvquant", "int-token", "int-channel")
 BITS = (2, 3, 4)  # Bits per cached key/value entry the methods are calibrated for.
 
 
-def quantized_cache(cache: Any, specs: Any) -> Any:
-  """`cache` with every attention layer's `KVCache` replaced by an empty `QuantizedKVCache`."""
+class _Group(NamedTuple):
+  """One attention entry of a model's cache: a layer, or with `scan_layers` a stacked group."""
 
-  def convert(node, spec):
-    if not isinstance(node, KVCache):
-      return node
-    b, s, k, e = node.k.shape[-4:]
-    init = lambda sp: QuantizedKVCache.init(b, s, k, e, sp)
-    for _ in range(node.k.ndim - 4):  # Stacked layers: one cache per stacked spec.
-      init = jax.vmap(init)
-    return init(spec)
+  cache: tuple[int, ...]  # Its index path in the cache (`LayerPath.cache`).
+  layers: list[LayerPath]  # Its layers, in stacked order (one when unstacked).
+  kv: KVCache  # Its cache's shapes (`jax.ShapeDtypeStruct` leaves).
 
-  return jax.tree.map(convert, cache, specs, is_leaf=cache_lib._is_layer_cache)
+  @property
+  def stacked(self) -> bool:
+    """Its cache and specs carry a leading layer axis."""
+    return self.layers[0].stacked is not None
 
 
-def _attention_paths(model) -> list[tuple[tuple[str, ...], int | None]]:
-  """(module path of each attention layer's block, stacked-layer count or None), in cache order."""
-  from fulcrum.modules.lm import block_pattern
-
-  c = model.config
-  pattern = block_pattern(c.arch)
-  is_attention = lambda cls: "Attention" in cls.__name__ or cls.__name__ == "TransformerBlock"
-  if c.scan_layers:
-    groups = c.num_layers // len(pattern)
-    if len(pattern) == 1:
-      return [(("blocks", "block"), groups)] if is_attention(pattern[0]) else []
-    return [(("blocks", f"block_{j}"), groups) for j, b in enumerate(pattern) if is_attention(b)]
-  return [
-    ((f"blocks_{i}",), None) for i in range(c.num_layers) if is_attention(pattern[i % len(pattern)])
-  ]
-
-
-def _find(tree: Any, name: str) -> Any:
-  """The value under the first key `name` in a nested dict (depth first)."""
-  if isinstance(tree, dict):
-    if name in tree:
-      return tree[name]
-    for v in tree.values():
-      found = _find(v, name)
-      if found is not None:
-        return found
-  return None
-
-
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
-  for p in path:
-    tree = tree[p]
-  return tree
+def _attention_groups(model) -> list[_Group]:
+  """Every attention entry of `model`'s cache, in cache order (the order of its tree leaves)."""
+  cache = jax.eval_shape(lambda: model.init_cache(1, 1))
+  attention = [layer for layer in layer_paths(model.config) if layer.mixer == "attention"]
+  groups = []
+  for first in layer_groups(model.config):
+    if first.mixer != "attention":
+      continue
+    node = cache
+    for i in first.cache:
+      node = node[i]
+    groups.append(_Group(first.cache, [x for x in attention if x.path == first.path], node))
+  return groups
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -113,31 +93,22 @@ def collect(model, params, batches: Iterable[np.ndarray]) -> dict[str, list[np.n
     stacked layer group contributes one entry per layer) an [n, k, e] array over all tokens
     but each sequence's first (the attention sink, kept in full precision).
   """
-  paths = _attention_paths(model)
+  layers = [layer for group in _attention_groups(model) for layer in group.layers]
   step = functools.partial(_loss_grads, model, params)
-
   names = ("keys", "values", "key_fisher", "value_fisher")
-  per_layer: list[dict[str, list[np.ndarray]]] = []
+  per_layer = [{k: [] for k in names} for _ in layers]
+  flat = lambda a: a.reshape(-1, *a.shape[-2:])
   for tokens in batches:
-    grads, inter = step(jnp.asarray(tokens, jnp.int32))
-    layer = 0
-    for path, groups in paths:
-      g_sub, i_sub = _get(grads, path), _get(inter, path)
-      k_act, v_act = _find(i_sub, "keys")[0], _find(i_sub, "values")[0]
-      k_grad, v_grad = _find(g_sub, "keys"), _find(g_sub, "values")
-      arrays = [np.asarray(a) for a in (k_act, v_act, k_grad, v_grad)]
-      for j in range(groups or 1):
-        pick = (lambda a, j=j: a[j]) if groups else (lambda a: a)
-        k_a, v_a, k_g, v_g = (pick(a)[:, 1:] for a in arrays)  # Drop the sink token.
-        if len(per_layer) <= layer:
-          per_layer.append({k: [] for k in names})
-        entry = per_layer[layer]
-        flat = lambda a: a.reshape(-1, *a.shape[-2:])
-        entry["keys"].append(flat(k_a))
-        entry["values"].append(flat(v_a))
-        entry["key_fisher"].append(flat(k_g) ** 2)
-        entry["value_fisher"].append(flat(v_g) ** 2)
-        layer += 1
+    grads, inter = jax.device_get(step(jnp.asarray(tokens, jnp.int32)))
+    for layer, entry in zip(layers, per_layer, strict=True):
+      mixer = layer.block.mixer_path
+      k_act, v_act = (layer.subtree(inter, *mixer, name)[0] for name in ("keys", "values"))
+      k_grad, v_grad = (layer.subtree(grads, *mixer, name) for name in ("keys", "values"))
+      # [b, t, k, e], the first token (the attention sink) dropped.
+      entry["keys"].append(flat(k_act[:, 1:]))
+      entry["values"].append(flat(v_act[:, 1:]))
+      entry["key_fisher"].append(flat(k_grad[:, 1:]) ** 2)
+      entry["value_fisher"].append(flat(v_grad[:, 1:]) ** 2)
   return {k: [np.concatenate(e[k]) for e in per_layer] for k in names}
 
 
@@ -161,69 +132,56 @@ def calibrate(
   """
   if method not in METHODS:
     raise ValueError(f"unknown KV-cache method {method!r}; choose one of {', '.join(METHODS)}")
-  c = model.config
-  paths = _attention_paths(model)
-  if not paths:
-    raise ValueError(f"model.arch={c.arch} has no attention layers: there is no KV cache")
-  need_data = method != "int-token"
-  stats = collect(model, params, batches) if need_data else None
-  kv = _attention_nodes(model)[0]
-  layer_specs = []
-  layer = 0
-  for _, groups in paths:
-    group = []
-    for _ in range(groups or 1):
+  groups = _attention_groups(model)
+  if not groups:
+    raise ValueError(
+      f"model.arch={model.config.arch} has no attention layers: there is no KV cache"
+    )
+  stats = collect(model, params, batches) if method != "int-token" else None
+  group_specs, layer = [], 0
+  for group in groups:
+    specs = []
+    for _ in group.layers:
       if method == "kvquant":
-        spec = kv_codebooks.calibrate(
-          stats["keys"][layer],
-          stats["key_fisher"][layer],
-          stats["values"][layer],
-          stats["value_fisher"][layer],
-          bits,
-          outlier_fraction,
+        fields = ("keys", "key_fisher", "values", "value_fisher")
+        specs.append(
+          kv_codebooks.calibrate(*(stats[f][layer] for f in fields), bits, outlier_fraction)
         )
       else:
-        k, e = kv.k.shape[-2:]
+        k, e = group.kv.k.shape[-2:]
         keys = stats["keys"][layer] if method == "int-channel" else None
-        spec = kv_codebooks.uniform(bits, k, e, key_mode=method.split("-")[1], keys=keys)
-      group.append(spec)
+        specs.append(kv_codebooks.uniform(bits, k, e, key_mode=method.split("-")[1], keys=keys))
       layer += 1
-    layer_specs.append(jax.tree.map(lambda *xs: jnp.stack(xs), *group) if groups else group[0])
-  return _arrange(model, layer_specs)
+    group_specs.append(
+      jax.tree.map(lambda *xs: jnp.stack(xs), *specs) if group.stacked else specs[0]
+    )
+  return _arrange(model, group_specs)
 
 
-def _arrange(model, layer_specs: list[Any]) -> Any:
-  """Places per-attention-layer specs where the cache has its attention layers."""
+def _arrange(model, group_specs: list[Any]) -> Any:
+  """Specs shaped like `model`'s cache: each attention group's at its cache entry, None at the
+  recurrent layers'."""
+  where = {g.cache: spec for g, spec in zip(_attention_groups(model), group_specs, strict=True)}
   cache = jax.eval_shape(lambda: model.init_cache(1, 1))
-  it = iter(layer_specs)
-  return jax.tree.map(
-    lambda node: next(it) if isinstance(node, KVCache) else None,
-    cache,
-    is_leaf=cache_lib._is_layer_cache,
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: where.get(tuple(key.idx for key in path)), cache, is_leaf=is_layer_cache
   )
-
-
-def _attention_nodes(model) -> int:
-  cache = jax.eval_shape(lambda: model.init_cache(1, 1))
-  nodes = jax.tree.leaves(cache, is_leaf=cache_lib._is_layer_cache)
-  return [n for n in nodes if isinstance(n, KVCache)]
 
 
 def bytes_per_token(model, specs: Any | None = None) -> int:
   """KV-cache bytes one token occupies over all attention layers: as quantized by `specs`, or
   in bfloat16 when None (the 16-bit cache quantization is compared with)."""
-  nodes = _attention_nodes(model)
-  spec_list = [None] * len(nodes) if specs is None else _spec_leaves(specs)
+  groups = _attention_groups(model)
+  spec_list = [None] * len(groups) if specs is None else _spec_leaves(specs)
   total = 0
-  for node, spec in zip(nodes, spec_list, strict=True):
-    layers = math.prod(node.k.shape[:-4])
-    k, e = node.k.shape[-2:]
+  for group, spec in zip(groups, spec_list, strict=True):
+    k, e = group.kv.k.shape[-2:]
     if spec is None:
-      total += layers * 2 * k * e * 2
+      total += len(group.layers) * 2 * k * e * 2
       continue
-    for _ in range(node.k.ndim - 4):  # Stacked: every layer stores the same layout.
+    if group.stacked:  # Every layer of the group stores the same layout.
       spec = jax.tree.map(lambda a: a[0], spec)
-    total += layers * kvquant.bytes_per_token(spec, k, e)
+    total += len(group.layers) * kvquant.bytes_per_token(spec, k, e)
   return total
 
 
@@ -295,10 +253,10 @@ def load(path: str | Path, model) -> tuple[Any, dict[str, Any]]:
       )
       for i, m in enumerate(meta["layers"])
     ]
-  nodes = _attention_nodes(model)
-  if len(layers) != len(nodes):
+  groups = _attention_groups(model)
+  if len(layers) != len(groups):
     raise ValueError(
-      f"{path} holds {len(layers)} attention layer(s), the model has {len(nodes)}; recalibrate"
+      f"{path} holds {len(layers)} attention layer(s), the model has {len(groups)}; recalibrate"
     )
   return _arrange(model, layers), meta["info"]
 
@@ -333,7 +291,7 @@ def calibrate_experiment(
     raise UserError(f"KV-cache bits must be one of {', '.join(map(str, BITS))}, got {bits}")
   if exp.config.task != "lm":
     raise UserError(f"{workdir} trains task {exp.config.task!r}; calibrate needs a language model")
-  if not _attention_paths(exp.model):
+  if not _attention_groups(exp.model):
     raise UserError(
       f"model.arch={exp.config.model.arch} has no attention layers, so no KV cache to quantize"
     )

@@ -32,13 +32,24 @@ recurrent layers take the state after the last accepted token, from a `cache_his
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import numbers
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from fulcrum.platform.decode import cache as cache_lib
-from fulcrum.platform.decode.generate import emit, empty_output, prefill, with_history
+from fulcrum.platform.decode.loop import (
+  Plan,
+  Strategy,
+  emit,
+  empty_output,
+  prefill,
+  with_history,
+)
+from fulcrum.platform.decode.sampling import Sampling
 
 
 def insert_ngrams(pool, count, grams, valid, weak=None):
@@ -211,3 +222,36 @@ def lookahead_decode(
   state = (cache, first, pos, levels, pool, count, recent, out, jnp.ones((), jnp.int32))
   state = jax.lax.while_loop(cond, body, state)
   return state[7], state[8], jnp.zeros((), jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lookahead(Strategy):
+  """Lookahead decoding: greedy and lossless, up to max(W, N) tokens a target call.
+
+  Attributes:
+    window: W, the Jacobi window (tokens guessed ahead).
+    ngram: N, the n-gram size (verified continuations are N - 1 tokens).
+    candidates: G, pool n-grams verified per step (0: one row, the pool's n-grams chained into
+      the window; the layout for hardware with few spare FLOPs).
+  """
+
+  name: ClassVar[str] = "lookahead"
+  greedy_only: ClassVar[bool] = True
+  window: int = 7
+  ngram: int = 5
+  candidates: int = 7
+
+  def __post_init__(self):
+    w, n, g = self.window, self.ngram, self.candidates
+    if not all(isinstance(x, numbers.Integral) for x in (w, n, g)):
+      raise ValueError(f"lookahead W, N, G must be integers; got W={w!r}, N={n!r}, G={g!r}")
+    if w < 1 or n < 2 or g < 0:
+      raise ValueError(
+        f"lookahead needs W >= 1, N >= 2, G >= 0 (window, ngram, candidates); got W={w}, "
+        f"N={n}, G={g}"
+      )
+
+  def plan(self, model, sampling: Sampling) -> Plan:
+    del sampling  # Greedy (`sampling_for` refused any other).
+    static = dict(window=self.window, ngram=self.ngram, candidates=self.candidates)
+    return Plan(lookahead_decode, static, {})

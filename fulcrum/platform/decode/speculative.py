@@ -27,15 +27,25 @@ A cascade runs one more draft step a round: its π mixes in q at the bonus posit
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import numbers
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from fulcrum.platform.decode import cache as cache_lib
-from fulcrum.platform.decode.generate import emit, empty_output, prefill, with_history
-from fulcrum.platform.decode.sampling import draw, probabilities
+from fulcrum.platform.decode.loop import (
+  Plan,
+  Strategy,
+  emit,
+  empty_output,
+  prefill,
+  with_history,
+)
+from fulcrum.platform.decode.sampling import Sampling, draw, probabilities
 
 # Speculative Cascades deferral rules (the module docstring gives each δ).
 RULES = ("chow", "diff", "opt")
@@ -91,7 +101,7 @@ def speculative_decode(
   gamma,
   rule,
 ):
-  """The speculative / cascade loop; see `generate` for the arguments."""
+  """The speculative / cascade loop; see `Speculative` and `generate` for the arguments."""
   batch, t = tokens.shape
   chunk = gamma + 1
   # Draft steps per round. A cascade needs q at the bonus position too (its π mixes q and p
@@ -193,3 +203,78 @@ def speculative_decode(
   state = jax.lax.while_loop(cond, body, state)
   out, calls = state[5], state[6]
   return out, calls, (calls - 1) * steps + 1
+
+
+class Draft(NamedTuple):
+  """The draft model of speculative decoding and cascades: any architecture with the target's
+  vocabulary."""
+
+  model: Any
+  params: Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: compared by identity (it holds params).
+class Speculative(Strategy):
+  """Speculative decoding (Leviathan et al. 2023): the draft proposes `gamma` tokens a round, the
+  target verifies them in one call. Greedy unless given sampling; lossless either way.
+
+  Attributes:
+    draft: `Draft(model, params)` (or a (model, params) pair).
+    gamma: draft tokens per round (per target call).
+  """
+
+  name: ClassVar[str] = "speculative"
+  draft: Draft = dataclasses.field(repr=False)
+  gamma: int = 4
+
+  def __post_init__(self):
+    if not isinstance(self.draft, tuple) or len(self.draft) != 2:
+      raise ValueError(
+        f"{self.name} decoding needs a draft model: draft=Draft(model, params), got "
+        f"{type(self.draft).__name__}"
+      )
+    if not isinstance(self.draft, Draft):
+      object.__setattr__(self, "draft", Draft(*self.draft))
+    if not isinstance(self.gamma, numbers.Integral) or self.gamma < 1:
+      raise ValueError(f"gamma (draft tokens per round) must be an integer >= 1, got {self.gamma}")
+
+  @property
+  def deferral(self) -> tuple[str, float]:
+    """(rule, α) of the round's π: the target alone (δ ≡ 1)."""
+    return "target", 0.0
+
+  def plan(self, model, sampling: Sampling) -> Plan:
+    v_t, v_d = model.config.vocab_size, self.draft.model.config.vocab_size
+    if v_t != v_d:
+      raise ValueError(
+        f"the draft's vocabulary ({v_d} tokens) differs from the target's ({v_t}); speculative "
+        "decoding needs a draft with the target's tokenizer"
+      )
+    rule, alpha = self.deferral
+    static = dict(draft_model=self.draft.model, sampling=sampling, gamma=int(self.gamma), rule=rule)
+    dynamic = dict(draft_params=self.draft.params, alpha=jnp.float32(alpha))
+    return Plan(speculative_decode, static, dynamic)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Cascade(Speculative):
+  """Speculative Cascades (Narasimhan et al., ICLR 2025): speculative decoding against
+  π = (1 − δ)·q + δ·p with a per-token deferral rule δ (the module docstring gives each).
+
+  Attributes:
+    rule: the deferral rule, one of `RULES`.
+    alpha: its threshold α (traced: changing it reuses the compiled loop).
+  """
+
+  name: ClassVar[str] = "cascade"
+  rule: str = "opt"
+  alpha: float = 0.1
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.rule not in RULES:
+      raise ValueError(f"unknown cascade rule {self.rule!r}; choose one of {', '.join(RULES)}")
+
+  @property
+  def deferral(self) -> tuple[str, float]:
+    return self.rule, self.alpha

@@ -17,7 +17,7 @@ import ml_collections
 from fulcrum.platform.errors import UserError
 from fulcrum.platform.training.tasks.base import Batch, Task, cross_entropy
 
-__all__ = ["Batch", "Task", "cross_entropy", "get_task", "registry"]
+__all__ = ["Batch", "Task", "check_name", "cross_entropy", "get_task", "registry"]
 
 
 @functools.cache
@@ -32,10 +32,14 @@ def registry() -> dict[str, type[Task]]:
   return found
 
 
+def check_name(name: str) -> None:
+  """Raises UserError unless `name` is a task (the config's `task` key)."""
+  if name not in registry():
+    raise UserError(f"task={name!r} is unknown; choose one of {', '.join(registry())}")
+
+
 def get_task(config: ml_collections.ConfigDict) -> Task:
   """The task a config names in its `task` key."""
   name = config.get("task", "lm")
-  tasks = registry()
-  if name not in tasks:
-    raise UserError(f"task={name!r} is unknown; choose one of {', '.join(sorted(tasks))}")
-  return tasks[name](config)
+  check_name(name)
+  return registry()[name](config)

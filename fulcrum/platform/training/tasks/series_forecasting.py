@@ -19,13 +19,10 @@ import ml_collections
 import numpy as np
 
 from fulcrum.modules import ModelConfig
-from fulcrum.modules.models import is_forecaster
+from fulcrum.modules.models import ARCHS, is_forecaster
 from fulcrum.platform.data import series as series_lib
 from fulcrum.platform.errors import UserError
 from fulcrum.platform.training.tasks.base import Batch, Task
-
-# Keys this task reads beyond the base config; the forecast recipe adds them.
-DATA_KEYS = ("series", "csv_path", "columns", "train_fraction", "test_fraction")
 
 
 def _weights(batch: Batch, outputs: jax.Array) -> jax.Array:
@@ -43,12 +40,14 @@ class Forecasting(Task):
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
     m, d = config.model, config.data
-    missing = [f"data.{k}" for k in DATA_KEYS if k not in d]
+    missing = [f"data.{k}" for k in series_lib.DATA_KEYS if k not in d]
     if missing:
       raise UserError(
         f"task=forecast needs the keys {', '.join(missing)}; start from the forecast recipe "
         "(`--recipe forecast`)"
       )
+    if m.arch not in ARCHS:
+      raise UserError(f"model.arch={m.arch!r} cannot forecast; choose one of {', '.join(ARCHS)}")
     if not is_forecaster(ModelConfig.from_mapping(m)):
       raise UserError(
         f"model.arch={m.arch!r} forecasts only with model.head='forecast' (got {m.head!r}); "
