@@ -52,25 +52,27 @@ from fulcrum.benchmarks.common import (
   write_results,
 )
 from fulcrum.platform import workdir as workdir_lib
-from fulcrum.platform.decode import generate
+from fulcrum.platform.decode import Cascade, Draft, Greedy, Lookahead, Speculative, generate
 from fulcrum.platform.decode import kv_calibration as kq
+from fulcrum.platform.decode.loop import prefill
 from fulcrum.platform.training import trainer
 
 RUNS = checkout_root() / "runs" / "bench_decode"
 # Tuned for a 2-core CPU, where every extra token in a forward pass costs real compute: one row
 # (G = 0) of 6 tokens, the window seeded with the pool's chained n-grams (the paper's 7B/A100
 # setting is W=15, N=5, G=15; its two-branch layout is measured in the sweep).
-LOOKAHEAD = (6, 6, 0)  # W, N, G
+LOOKAHEAD = Lookahead(window=6, ngram=6, candidates=0)
 GAMMA = 4
-# Extra settings measured beside the defaults (not used for the headline keys).
+# Extra settings measured beside the defaults (not used for the headline keys): a strategy, or
+# for speculative decoding (the target's draft of this role, γ).
 SWEEP = {
-  "lookahead 4,4,0": dict(strategy="lookahead", lookahead=(4, 4, 0)),
-  "lookahead 8,8,0": dict(strategy="lookahead", lookahead=(8, 8, 0)),
-  "lookahead 4,4,1 (two rows)": dict(strategy="lookahead", lookahead=(4, 4, 1)),
-  "lookahead 7,5,7 (paper)": dict(strategy="lookahead", lookahead=(7, 5, 7)),
-  "speculative γ=2": dict(strategy="speculative", gamma=2),
-  "speculative γ=6": dict(strategy="speculative", gamma=6),
-  "speculative, 0.82M draft": dict(strategy="speculative", gamma=GAMMA, draft="wide"),
+  "lookahead 4,4,0": Lookahead(4, 4, 0),
+  "lookahead 8,8,0": Lookahead(8, 8, 0),
+  "lookahead 4,4,1 (two rows)": Lookahead(4, 4, 1),
+  "lookahead 7,5,7 (paper)": Lookahead(7, 5, 7),
+  "speculative γ=2": ("draft", 2),
+  "speculative γ=6": ("draft", 6),
+  "speculative, 0.82M draft": ("wide", GAMMA),
 }
 CASCADE = dict(rule="opt", alpha=0.1)
 KV_METHODS = {  # name: (method, bits); None = full precision.
@@ -155,21 +157,20 @@ def _decode_rows(target, drafts, prompts: np.ndarray, new_tokens: int, repeats: 
   the fastest run's time counts (the median's is kept too)."""
   exp, state = target
   draft = drafts["draft"]
-  kwargs = {
-    "greedy": dict(strategy="greedy"),
-    "lookahead": dict(strategy="lookahead", lookahead=LOOKAHEAD),
-    "speculative": dict(strategy="speculative", draft=draft, gamma=GAMMA),
-    "cascade": dict(strategy="cascade", draft=draft, gamma=GAMMA, **CASCADE),
+  by_name = {
+    "greedy": Greedy(),
+    "lookahead": LOOKAHEAD,
+    "speculative": Speculative(draft, GAMMA),
+    "cascade": Cascade(draft, GAMMA, **CASCADE),
   }
-  for name, kw in SWEEP.items():
-    kw = dict(kw)
-    if "gamma" in kw:
-      which = kw.pop("draft", "draft")
-      if which not in drafts:  # A draft measured on another target only.
+  for name, strategy in SWEEP.items():
+    if isinstance(strategy, tuple):
+      role, gamma = strategy
+      if role not in drafts:  # A draft measured on another target only.
         continue
-      kw["draft"] = drafts[which]
-    kwargs[name] = kw
-  names = list(kwargs)
+      strategy = Speculative(drafts[role], gamma)
+    by_name[name] = strategy
+  names = list(by_name)
   stats = {
     s: dict(best=0.0, median=0.0, tokens=0, target_calls=0, draft_calls=0, loglik=[]) for s in names
   }
@@ -180,7 +181,7 @@ def _decode_rows(target, drafts, prompts: np.ndarray, new_tokens: int, repeats: 
     for r in range(repeats):
       shift = (i * repeats + r) % len(names)
       for s in names[shift:] + names[:shift]:  # Rotate the order: share the machine's load.
-        last[s] = generate(exp.model, state.params, [prompt], new_tokens, **kwargs[s])
+        last[s] = generate(exp.model, state.params, [prompt], new_tokens, strategy=by_name[s])
         seconds[s].append(last[s].seconds)
     for s in names:  # The outputs are deterministic (greedy): the last run's stand for all.
       g = last[s]
@@ -218,7 +219,6 @@ def _pass_costs(exp, state, draft, context: int, calls: int = 120, repeats: int 
   """Milliseconds per decode call of k tokens (target) and of 1 token (draft), each a compiled
   loop of `calls` calls over a cache of `context` positions; the fastest of `repeats`
   interleaved runs. What a multi-token strategy pays per target call, against greedy's 1."""
-  from fulcrum.platform.decode.generate import prefill
 
   def loop(model, params, k):
     n = max(min(calls, context - 2) // k, 1)
@@ -240,7 +240,7 @@ def _pass_costs(exp, state, draft, context: int, calls: int = 120, repeats: int 
     return lambda: compiled(params).block_until_ready(), n
 
   fns = {f"target {k}": loop(exp.model, state.params, k) for k in PASS_TOKENS}
-  fns["draft 1"] = loop(draft[0], draft[1], 1)
+  fns["draft 1"] = loop(draft.model, draft.params, 1)
   best = {name: float("inf") for name in fns}
   for _ in range(repeats):
     for name, (fn, n) in fns.items():
@@ -397,13 +397,13 @@ def run(quick: bool = False) -> dict:
   names = ["demo"] if quick else list(TARGETS)
   headline = "demo" if quick else HEADLINE
   count = lambda p: sum(x.size for x in jax.tree.leaves(p))
-  drafts: dict[str, tuple] = {}
+  drafts: dict[str, Draft] = {}
 
-  def draft(name: str) -> tuple:
+  def draft(name: str) -> Draft:
     if name not in drafts:
       recipe, overrides = DRAFTS[name]
       d_exp, d_state, _ = _train(name, recipe, quick, overrides)
-      drafts[name] = (d_exp.model, d_state.params)
+      drafts[name] = Draft(d_exp.model, d_state.params)
     return drafts[name]
 
   targets = {}
@@ -414,7 +414,7 @@ def run(quick: bool = False) -> dict:
       draft_names = {"draft": draft_names["draft"]}
     by_role = {role: draft(d) for role, d in draft_names.items()}
     draft_name = draft_names["draft"]
-    params = {"target": count(state.params), "draft": count(by_role["draft"][1])}
+    params = {"target": count(state.params), "draft": count(by_role["draft"].params)}
     prompts = _prompts(exp, sz["prompts"], sz["prompt_len"])
     decoding = _decode_rows((exp, state), by_role, prompts, sz["new_tokens"], sz["repeats"])
     costs = _pass_costs(exp, state, by_role["draft"], sz["prompt_len"] + sz["new_tokens"])
@@ -439,7 +439,7 @@ def run(quick: bool = False) -> dict:
       "prompts": sz["prompts"],
       "prompt_len": sz["prompt_len"],
       "new_tokens": sz["new_tokens"],
-      "lookahead": ",".join(map(str, LOOKAHEAD)),
+      "lookahead": f"{LOOKAHEAD.window},{LOOKAHEAD.ngram},{LOOKAHEAD.candidates}",
       "gamma": GAMMA,
       "cascade": f"{CASCADE['rule']}, α = {CASCADE['alpha']}",
     },

@@ -5,7 +5,7 @@ the KV-cache calibration `fulcrum calibrate` saved for it.
   DIR/metrics.jsonl      one JSON object per logged step (`training/metrics.py`)
   DIR/checkpoints/       orbax checkpoints (`training/checkpoint.py`)
   DIR/kvquant/step_S/    calibrated KV-cache specs (`decode/kv_calibration.py`)
-  DIR/attribution/       attribution reports (`attribution/workflow.py`)
+  DIR/attribution/       attribution reports (`attribution/explain.py`)
 
 Decoding, calibration and attribution read a workdir through this module and never import
 the trainer.

@@ -217,7 +217,7 @@ def test_vmap_and_flax_module(impl):
 
 
 def test_auto_resolves_per_backend():
-  assert scan.resolve("auto", "linear") == ScanImpl.REFERENCE  # CPU: fulcrum/benchmarks/bench_scan.py.
+  assert scan.resolve("auto", "linear") == ScanImpl.REFERENCE  # CPU: see bench_scan.py.
   assert scan.resolve("auto", "selective") == ScanImpl.CHUNKED
   assert scan.resolve("pallas") == ScanImpl.PALLAS
   with pytest.raises(ValueError):

@@ -241,6 +241,14 @@ def test_lookahead_takes_several_tokens_a_call_when_the_output_repeats():
   assert one_row.target_calls <= 3, (one_row.target_calls, want)  # > 3 tokens a call.
 
 
+def test_lookahead_continues_prompts_shorter_than_its_ngrams():
+  """One-token prompts and N = 4: fewer accepted tokens than an n-gram's continuation."""
+  prompts = [[8], [3]]
+  m, params = model("hawk")
+  out = generate(m, params, prompts, NEW, strategy=Lookahead(window=4, ngram=4, candidates=0))
+  np.testing.assert_array_equal(out.tokens, reference("hawk", prompts, NEW))
+
+
 # Speculative sampling and cascades: many samples of one prompt in one call, compared with the
 # exact distributions of the first three new tokens (summed over all VOCAB**2 prefixes).
 SAMPLES = 3000

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fulcrum.modules import build
+from fulcrum.modules import build, kv_codebooks
 from fulcrum.modules import kvquant as kvquant_math
 from fulcrum.platform.decode import kv_calibration as kq
 from fulcrum.platform.decode.cache import quantized_cache
@@ -79,6 +79,14 @@ def test_quantized_prefill_equals_decoding_token_by_token(name, method):
   # channel threshold (a quantile), where float noise decides outlier or not; move the
   # thresholds off them by 0.1%.
   nudge = lambda s: s.replace(key_scale=s.key_scale * 1.001)
+  if method == "int-token":
+    # Per-token keys and values: a chunk and single tokens compute the same key to within float
+    # noise, and rounding its per-token center/scale to float16 can then land one ulp apart
+    # (1e-3 relative; on some CPUs it does for one of these 192 tokens), which moves the logits
+    # by ~1e-4. Store the statistics in float32 so that equality is the invariant tested here;
+    # the transformer case keeps float16 value statistics.
+    base = nudge
+    nudge = lambda s: base(s).replace(scale_dtype="float32")
   quant = jax.tree.map(nudge, quant, is_leaf=lambda x: isinstance(x, kvquant_math.KVQuantSpec))
   empty = quantized_cache(m.init_cache(*DATA.shape), quant)  # Griffin: a 4-slot ring buffer.
   logits, chunk_cache = _decode(name)(params, DATA, POSITIONS, empty)
@@ -146,7 +154,7 @@ def test_bytes_per_token_and_spec_placement(tmp_path):
   )
   rng = np.random.default_rng(0)
   keys, values = rng.standard_normal((2, 200, 2, 64)).astype(np.float32)
-  spec = kvquant_math.calibrate(keys, np.ones_like(keys), values, np.ones_like(values), 3)
+  spec = kv_codebooks.calibrate(keys, np.ones_like(keys), values, np.ones_like(values), 3)
   path = tmp_path / "big.npz"
   kq.save(path, [spec, spec], {"bits": 3})
   placed, _ = kq.load(path, big)

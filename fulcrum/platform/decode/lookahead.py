@@ -140,8 +140,10 @@ def lookahead_decode(
   seq_pos = jnp.concatenate([positions, positions[:, -1:] + 1], axis=1)
   if seq.shape[1] >= n:
     pool, count = insert_ngrams(pool, count, _windows(seq, n), _windows(seq_pos, n)[..., 0] >= 0)
-  # The last n - 1 accepted tokens (for the output's n-grams); padding -1 never matches a key.
-  recent = jnp.where(seq_pos[:, -(n - 1) :] >= 0, seq[:, -(n - 1) :], 0)
+  # The last n - 1 accepted tokens (for the output's n-grams): padding, and what a prompt
+  # shorter than n - 2 tokens lacks, as token 0.
+  short = max(n - 1 - seq.shape[1], 0)
+  recent = jnp.pad(jnp.where(seq_pos >= 0, seq, 0), ((0, 0), (short, 0)))[:, -(n - 1) :]
   # Jacobi levels: the last n - 1 iterates of the window, oldest first, aligned by position.
   guess = jnp.broadcast_to(seq[:, -1:], (batch, w))
   levels = jnp.broadcast_to(guess[:, None], (batch, n - 1, w))

@@ -141,10 +141,9 @@ def validate_config(d: ml_collections.ConfigDict) -> None:
   for ok, msg in checks:
     if not ok:
       raise ValueError(msg)
-  # `Sampling` and every strategy check their own fields (with a placeholder draft: the
-  # section holds no model).
+  # Every strategy and its `Sampling` check their own fields (`sample`'s reads
+  # decode.temperature; a placeholder draft, as the section holds no model).
   try:
-    Sampling(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p)
     for name in STRATEGIES:
       from_config(d, strategy=name, draft=Draft(None, None))
   except ValueError as e:
