@@ -97,7 +97,12 @@ def prepare(workdir: str | Path, config: ml_collections.ConfigDict) -> Path:
         " use a new --workdir or the original settings"
       )
   if jax.process_index() == 0:
-    write_atomic(path, config_lib.to_json(config))
+    try:
+      write_atomic(path, config_lib.to_json(config))
+    except OSError as e:  # Disk full, quota: the old config.json is still whole.
+      raise UserError(
+        f"could not write {path} ({e.strerror or e}); free space or pass another --workdir"
+      ) from None
   return workdir
 
 
