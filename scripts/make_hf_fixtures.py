@@ -1,4 +1,4 @@
-"""Builds the tiny Hugging Face checkpoints that `tests/platform/test_hf.py` loads.
+"""Builds the tiny Hugging Face checkpoints that `tests/platform/hf/test_hf.py` loads.
 
 Run once by a developer, in a separate environment that has torch and transformers (Fulcrum's
 own environment never needs them), from the repository root:

@@ -26,7 +26,7 @@ from fulcrum.platform.errors import UserError
 # Small models and many short programs: XLA's optimisation passes would dominate the runtime.
 pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "hf"
 NAMES = ["tiny_llama", "tiny_mistral", "tiny_mamba", "tiny_recurrent_gemma"]
 
 
