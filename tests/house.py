@@ -131,8 +131,9 @@ def _inside(module: Module, folder: str) -> bool:
 
 
 def private_uses(modules: dict[str, Module]) -> list[str]:
-  """Where a module imports or reads a private name (`_x`: function, class, module) defined
-  outside its own package folder. A private name is for its package folder only."""
+  """Where a module imports or reads another module's private name (`_x`: a function, class or
+  constant is private to its module), or imports a private module (`pkg._bases`) from outside
+  the package folder that holds it."""
   found = []
   for module in modules.values():
     aliases = {}  # Bound name → the fulcrum module it names.
@@ -141,7 +142,7 @@ def private_uses(modules: dict[str, Module]) -> list[str]:
       folder = _owner_folder(modules, target)
       if folder is not None and not _inside(module, folder):
         found.append(f"{module.name} imports private module {target} ({where})")
-      if name is not None and _private(name) and not _inside(module, modules[target].folder):
+      if name is not None and _private(name):
         found.append(f"{module.name} imports {target}.{name} ({where})")
       if name is None:
         aliases[bound] = target
@@ -151,12 +152,10 @@ def private_uses(modules: dict[str, Module]) -> list[str]:
         and isinstance(node.value, ast.Name)
         and node.value.id in aliases
         and _private(node.attr)
+        and aliases[node.value.id] != module.name
       ):
-        target = modules[aliases[node.value.id]]
-        if not _inside(module, target.folder):
-          found.append(
-            f"{module.name} reads {target.name}.{node.attr} ({module.path.name}:{node.lineno})"
-          )
+        target = aliases[node.value.id]
+        found.append(f"{module.name} reads {target}.{node.attr} ({module.path.name}:{node.lineno})")
   return found
 
 

@@ -66,8 +66,8 @@ def test_private_checker_finds_imports_and_attribute_reads(tmp_path):
       "__init__.py": "",
       "one/__init__.py": "",
       "one/a.py": "def _helper(): pass\n",
-      "one/b.py": "from pkg.one.a import _helper\n",  # Same folder: allowed.
-      "one/_impl.py": "",
+      "one/b.py": "from pkg.one.a import _helper\nfrom pkg.one import _impl\n",
+      "one/_impl.py": "",  # A private module: for its own folder (b) only.
       "two/__init__.py": "",
       "two/c.py": "from pkg.one.a import _helper\n",
       "two/d.py": "from pkg.one import a\nx = a._helper\ny = a.__name__\n",
@@ -75,7 +75,8 @@ def test_private_checker_finds_imports_and_attribute_reads(tmp_path):
     },
   )
   found = house.private_uses(mods)
-  assert len(found) == 3, found
+  assert len(found) == 4, found
+  assert any("pkg.one.b imports pkg.one.a._helper" in f for f in found)  # Private to its module.
   assert any("pkg.two.c imports pkg.one.a._helper" in f for f in found)
   assert any("pkg.two.d reads pkg.one.a._helper" in f for f in found)
   assert any("pkg.two.e imports private module pkg.one._impl" in f for f in found)

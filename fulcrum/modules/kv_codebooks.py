@@ -12,12 +12,12 @@ from jaxtyping import Float
 
 from fulcrum.modules.kvquant import (
   KVQuantSpec,
-  _check_bits,
-  _check_fraction,
-  _check_key_mode,
-  _check_layout,
-  _normalise,
-  _num_outliers,
+  check_bits,
+  check_fraction,
+  check_key_mode,
+  check_layout,
+  normalise,
+  num_outliers,
 )
 
 
@@ -44,7 +44,7 @@ def fit_codebook(
   Raises:
     ValueError: bits is unsupported, shapes differ, or there are no samples.
   """
-  _check_bits(bits)
+  check_bits(bits)
   s = np.clip(np.asarray(samples, np.float64).ravel(), -1.0, 1.0)
   w = np.asarray(weights, np.float64).ravel()
   if s.shape != w.shape:
@@ -113,8 +113,8 @@ def calibrate(
   Raises:
     ValueError: bad bits / outlier_fraction, or mismatched shapes.
   """
-  _check_bits(bits)
-  _check_fraction(outlier_fraction)
+  check_bits(bits)
+  check_fraction(outlier_fraction)
   keys, values = np.asarray(keys, np.float32), np.asarray(values, np.float32)
   shapes = {a.shape for a in (keys, key_fisher, values, value_fisher)}
   if len(shapes) != 1 or keys.ndim != 3:
@@ -123,7 +123,7 @@ def calibrate(
     )
   n, k, e = keys.shape
   size = k * e
-  capacity = _num_outliers(outlier_fraction, size)
+  capacity = num_outliers(outlier_fraction, size)
   half = outlier_fraction / 2
   lower = np.quantile(keys, half, axis=0)
   upper = np.quantile(keys, 1 - half, axis=0)
@@ -138,11 +138,11 @@ def calibrate(
     pre_rope=True,
   )
   rng = np.random.default_rng(seed)
-  normalise = jax.jit(_normalise, static_argnames="per_channel")
+  normalise_jit = jax.jit(normalise, static_argnames="per_channel")
   books = []
   for x, fisher, per_channel in ((keys, key_fisher, True), (values, value_fisher, False)):
-    _check_layout(spec, size, per_channel)
-    z, _, _, index, used = normalise(jnp.asarray(x.reshape(n, size)), spec, per_channel)
+    check_layout(spec, size, per_channel)
+    z, _, _, index, used = normalise_jit(jnp.asarray(x.reshape(n, size)), spec, per_channel)
     s, w = _pooled(np.asarray(z), np.asarray(used), np.asarray(index), np.asarray(fisher))
     if s.size > max_samples:
       pick = rng.choice(s.size, max_samples, replace=False)
@@ -172,8 +172,8 @@ def uniform(
   Raises:
     ValueError: bad bits / key_mode, or "channel" without matching `keys`.
   """
-  _check_bits(bits)
-  _check_key_mode(key_mode)
+  check_bits(bits)
+  check_key_mode(key_mode)
   shape = (num_kv_heads, head_dim)
   center, scale = np.zeros(shape, np.float32), np.ones(shape, np.float32)
   if key_mode == "channel":

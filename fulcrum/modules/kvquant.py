@@ -119,7 +119,8 @@ def _bits_of(length: int) -> int:
   return bits
 
 
-def _check_bits(bits: int) -> None:
+def check_bits(bits: int) -> None:
+  """Raises ValueError unless `bits` is one of `BITS`."""
   if bits not in BITS:
     raise ValueError(f"bits={bits} is not supported; choose bits in {BITS}")
 
@@ -129,12 +130,14 @@ def _check_kind(kind: str) -> None:
     raise ValueError(f"kind={kind!r}; use 'key' or 'value'")
 
 
-def _check_key_mode(key_mode: str) -> None:
+def check_key_mode(key_mode: str) -> None:
+  """Raises ValueError unless `key_mode` is one of `KEY_MODES`."""
   if key_mode not in KEY_MODES:
     raise ValueError(f"key_mode={key_mode!r}; use 'channel' or 'token'")
 
 
-def _check_fraction(outlier_fraction: float) -> None:
+def check_fraction(outlier_fraction: float) -> None:
+  """Raises ValueError unless the outlier fraction is in [0, 0.5)."""
   if not 0 <= outlier_fraction < 0.5:
     raise ValueError(
       f"outlier_fraction={outlier_fraction}; use a fraction in [0, 0.5) (0.01 keeps 1% of "
@@ -142,14 +145,14 @@ def _check_fraction(outlier_fraction: float) -> None:
     )
 
 
-def _num_outliers(outlier_fraction: float, size: int) -> int:
+def num_outliers(outlier_fraction: float, size: int) -> int:
   """ceil(outlier_fraction · size), robust to float noise (0.01 · 300 = 3.0000000000000004)."""
   return math.ceil(round(outlier_fraction * size, 9)) if outlier_fraction > 0 else 0
 
 
 def _per_channel(spec: KVQuantSpec, kind: str) -> bool:
   _check_kind(kind)
-  _check_key_mode(spec.key_mode)
+  check_key_mode(spec.key_mode)
   return kind == "key" and spec.key_mode == "channel"
 
 
@@ -160,7 +163,7 @@ def _codebook(spec: KVQuantSpec, kind: str) -> Float[Array, " L"]:
   return jnp.asarray(book, jnp.float32)
 
 
-def _check_layout(spec: KVQuantSpec, size: int, per_channel: bool) -> int:
+def check_layout(spec: KVQuantSpec, size: int, per_channel: bool) -> int:
   """Validates a layer spec against D = `size` entries per vector; returns bits."""
   bits = spec.bits
   if spec.value_codebook.shape[-1] != spec.key_codebook.shape[-1]:
@@ -198,7 +201,7 @@ def pack_codes(codes: UInt8[Array, "... D"], bits: int) -> UInt8[Array, "... P"]
   Raises:
     ValueError: bits is unsupported or D·bits is not a multiple of 8.
   """
-  _check_bits(bits)
+  check_bits(bits)
   size = codes.shape[-1]
   if size * bits % 8:
     raise ValueError(
@@ -222,7 +225,7 @@ def unpack_codes(packed: UInt8[Array, "... P"], bits: int, size: int) -> UInt8[A
     ValueError: bits is unsupported, size·bits is not a multiple of 8, or the byte count is not
       size·bits/8.
   """
-  _check_bits(bits)
+  check_bits(bits)
   if size * bits % 8:
     raise ValueError(
       f"{size} codes of {bits} bits are not whole bytes; D·bits must be a multiple of 8"
@@ -260,7 +263,7 @@ def _round_stats(center: Array, scale: Array, dtype: jnp.dtype) -> tuple[Array, 
   return center, scale
 
 
-def _normalise(
+def normalise(
   flat: Float[Array, "... D"], spec: KVQuantSpec, per_channel: bool
 ) -> tuple[Array, Array, Array, Array, Array]:
   """The shared quantization rule, before coding.
@@ -324,9 +327,9 @@ def quantize(x: Float[Array, "b t k e"], spec: KVQuantSpec, kind: str) -> Quanti
   """
   per_channel = _per_channel(spec, kind)
   lead, size = x.shape[:-2], x.shape[-2] * x.shape[-1]
-  bits = _check_layout(spec, size, per_channel)
+  bits = check_layout(spec, size, per_channel)
   flat = jnp.asarray(x, jnp.float32).reshape(*lead, size)
-  z, center, scale, index, used = _normalise(flat, spec, per_channel)
+  z, center, scale, index, used = normalise(flat, spec, per_channel)
   codes = _nearest(z, _codebook(spec, kind))
   values = jnp.take_along_axis(flat, jnp.minimum(index, size - 1), axis=-1)
   values = jnp.where(used, values, 0.0)
@@ -355,7 +358,7 @@ def dequantize(
   """
   per_channel = _per_channel(spec, kind)
   size = shape[0] * shape[1]
-  bits = _check_layout(spec, size, per_channel)
+  bits = check_layout(spec, size, per_channel)
   lead = q.codes.shape[:-1]
   codes = unpack_codes(q.codes, bits, size)
   levels = _codebook(spec, kind)[codes]
@@ -378,7 +381,7 @@ def empty(
   marked unused (index D)."""
   per_channel = _per_channel(spec, kind)
   entries = num_kv_heads * head_dim
-  bits = _check_layout(spec, entries, per_channel)
+  bits = check_layout(spec, entries, per_channel)
   stats = 0 if per_channel else 1
   sdt = jnp.dtype(spec.scale_dtype)
   return QuantizedVectors(

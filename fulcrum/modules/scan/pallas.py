@@ -159,9 +159,9 @@ def _linear_bwd(res, cts):
   a32 = f32(a)
   # The adjoint g_t = a_{t+1} g_{t+1} + ∂̄h_t is the same kernel run backwards (segment.py).
   g, _ = _linear_call(
-    segment._shift_next(a32), dhs.at[:, -1].add(dh_last), jnp.zeros_like(dh_last), reverse=True
+    segment.shift_next(a32), dhs.at[:, -1].add(dh_last), jnp.zeros_like(dh_last), reverse=True
   )
-  da = g * segment._shift_prev(hs, f32(h0))
+  da = g * segment.shift_prev(hs, f32(h0))
   dh0 = a32[:, 0] * g[:, 0]
   return da.astype(a.dtype), g.astype(x_like.dtype), dh0.astype(h0.dtype)
 

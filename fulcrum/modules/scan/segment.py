@@ -58,12 +58,12 @@ def affine_scan(
   return jnp.stack(hs, axis=1)
 
 
-def _shift_next(a: Array) -> Array:
+def shift_next(a: Array) -> Array:
   """a_{t+1} at position t, 1 past the end: the coefficients of the adjoint recurrence."""
   return jnp.concatenate([a[:, 1:], jnp.ones_like(a[:, :1])], axis=1)
 
 
-def _shift_prev(hs: Array, h0: Array) -> Array:
+def shift_prev(hs: Array, h0: Array) -> Array:
   """h_{t-1} at position t, with h0 before the start."""
   return jnp.concatenate([h0[:, None], hs[:, :-1]], axis=1)
 
@@ -96,8 +96,8 @@ def _linear_bwd(order, res, cts):
   a, hs, h0, x_like = res
   dhs, dh_last = cts
   a32 = f32(a)
-  g = affine_scan(_shift_next(a32), dhs.at[:, -1].add(dh_last), order=order, reverse=True)
-  da = g * _shift_prev(hs, f32(h0))
+  g = affine_scan(shift_next(a32), dhs.at[:, -1].add(dh_last), order=order, reverse=True)
+  da = g * shift_prev(hs, f32(h0))
   dh0 = a32[:, 0] * g[:, 0]
   return da.astype(a.dtype), g.astype(x_like.dtype), dh0.astype(h0.dtype)
 
@@ -147,9 +147,9 @@ def _selective_bwd(order, res, cts):
   x32, dt32, A32, B32, C32 = map(f32, (x, dt, A, B, C))
   # ∂L/∂h_t from the readout y_t = C_t·h_t, then accumulated backwards through the decays.
   g_in = (dy[..., None] * C32[:, :, None, :]).at[:, -1].add(dh_last)
-  g = affine_scan(_shift_next(decay), g_in, order=order, reverse=True)
+  g = affine_scan(shift_next(decay), g_in, order=order, reverse=True)
   # ∂L/∂(Δ_t A) = g_t ⊙ h_{t-1} ⊙ Ā_t (the exp's derivative is itself).
-  d_log_decay = g * _shift_prev(hs, f32(h0)) * decay
+  d_log_decay = g * shift_prev(hs, f32(h0)) * decay
   du = jnp.einsum("bten,btn->bte", g, B32)  # u_t = Δ_t x_t
   dA = jnp.einsum("bten,bte->en", d_log_decay, dt32)
   ddt = jnp.einsum("bten,en->bte", d_log_decay, A32) + du * x32
