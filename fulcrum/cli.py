@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 import fulcrum
 from fulcrum.platform.errors import UserError
@@ -32,6 +31,13 @@ from fulcrum.platform.errors import UserError
 class _Parser(argparse.ArgumentParser):
   def error(self, message):  # One line, not usage + error.
     raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _folder(text: str) -> str:
+  """A --workdir value; an empty one would silently mean the current folder."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError("is empty; name a folder, e.g. --workdir runs/demo")
+  return text
 
 
 def _quiet_logs() -> None:
@@ -80,16 +86,19 @@ def _cmd_config(args) -> int:
 
 
 def _cmd_train(args) -> int:
+  from etils import epath
+
   from fulcrum.platform.training.experiment import eval_summary
+  from fulcrum.platform.training.metrics import tensorboard_command
   from fulcrum.platform.training.trainer import train
 
   result = train(_resolved_config(args), args.workdir)
-  workdir = Path(result["workdir"])
+  workdir = epath.Path(result["workdir"])  # pathlib would turn gs://b/run into gs:/b/run
   summary = eval_summary(result)
   if summary:
     print(f"step {result['step']}: validation {summary}")
   print(f"metrics: {workdir / 'metrics.jsonl'}")
-  print(f"tensorboard: tensorboard --logdir {workdir / 'tensorboard'}")
+  print(f"tensorboard: {tensorboard_command(workdir)}")
   print(f"checkpoints: {workdir / 'checkpoints'}")
   return 0
 
@@ -193,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   t = sub.add_parser("train", help="train (or resume) a recipe in a workdir")
   t.add_argument("--recipe", required=True, help="a recipe name or the path of a recipe file")
-  t.add_argument("--workdir", required=True)
+  t.add_argument("--workdir", required=True, type=_folder)
   _add_set(t)
   t.set_defaults(fn=_cmd_train)
 
@@ -203,19 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
   r.set_defaults(fn=_cmd_config)
 
   e = sub.add_parser("eval", help="validation metrics of a workdir's newest checkpoint")
-  e.add_argument("--workdir", required=True)
+  e.add_argument("--workdir", required=True, type=_folder)
   e.add_argument("--json", action="store_true")
   e.set_defaults(fn=_cmd_eval)
 
   d = sub.add_parser("decode", help="continue a prompt with a trained model")
-  d.add_argument("--workdir", required=True)
+  d.add_argument("--workdir", required=True, type=_folder)
   d.add_argument("--prompt", required=True)
   d.add_argument(
     "--strategy",
     choices=strategies.STRATEGIES,
     help="default: the workdir's decode.strategy (greedy)",
   )
-  d.add_argument("--draft-workdir", help="draft model for speculative / cascade")
+  d.add_argument("--draft-workdir", type=_folder, help="draft model for speculative / cascade")
   d.add_argument("--max-new-tokens", type=int, default=128)
   d.add_argument("--temperature", type=float)
   d.add_argument("--top-k", type=int)
@@ -231,14 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
   d.set_defaults(fn=_cmd_decode)
 
   c = sub.add_parser("calibrate", help="fit KV-cache quantization (KVQuant) for a workdir")
-  c.add_argument("--workdir", required=True)
+  c.add_argument("--workdir", required=True, type=_folder)
   c.add_argument("--method", choices=kv_calibration.METHODS)
   c.add_argument("--bits", type=int, choices=kv_calibration.BITS)
   c.add_argument("--batches", type=int, help="calibration batches (default decode.*)")
   c.set_defaults(fn=_cmd_calibrate)
 
   a = sub.add_parser("attribute", help="explain a prediction: token heatmap or series plot")
-  a.add_argument("--workdir", required=True)
+  a.add_argument("--workdir", required=True, type=_folder)
   a.add_argument(
     "--input",
     required=True,

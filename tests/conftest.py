@@ -44,8 +44,10 @@ def tiny_overrides(corpus: dict[str, str], **extra) -> list[str]:
   return [f"{k}={v}" for k, v in values.items()]
 
 
-def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: int = 600):
-  """Runs `python -m fulcrum ARGS` in a fresh process; returns the CompletedProcess."""
+def run_cli(
+  args: list[str], env: dict[str, str] | None = None, timeout: int = 600, cwd: Path = REPO
+):
+  """Runs `python -m fulcrum ARGS` in a fresh process (in `cwd`); returns the CompletedProcess."""
   import subprocess
 
   full_env = {**os.environ, **(env or {})}
@@ -54,7 +56,7 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: int = 6
     capture_output=True,
     text=True,
     env=full_env,
-    cwd=REPO,
+    cwd=cwd,
     timeout=timeout,
   )
 
@@ -122,3 +124,54 @@ def cli(capsys):
     logging.getLogger(n).handlers[:] = handlers
     logging.getLogger(n).setLevel(level)
   logging.getLogger("fulcrum").propagate = saved_propagate
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+  """`gs://fulcrum-test`, a bucket in a local GCS emulator (tests/gcs_emulator.py) run for the
+  session. The environment points every client at it (epath, orbax's tensorstore,
+  tensorboardX), and subprocesses inherit it. Skipped only without the `dev` extra."""
+  import importlib.util
+  import socket
+  import subprocess
+  import time
+  import urllib.request
+
+  from tests.gcs_emulator import environment
+
+  for module in ("gcp_storage_emulator", "gcsfs"):  # Not imported: gcsfs reads its env then.
+    if importlib.util.find_spec(module) is None:
+      pytest.skip(f"{module} is missing; it comes with the dev extra: pip install -e '.[dev]'")
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  bucket, url = "fulcrum-test", f"http://127.0.0.1:{port}"
+  server = subprocess.Popen(
+    [sys.executable, str(REPO / "tests" / "gcs_emulator.py"), str(port), bucket],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  saved = {k: os.environ.get(k) for k in environment(url)}
+  try:
+    for _ in range(300):  # Until it answers its health check (or exits).
+      if server.poll() is not None:
+        pytest.fail(f"the GCS emulator exited with status {server.returncode}")
+      try:
+        urllib.request.urlopen(url + "/", timeout=1).close()
+        break
+      except OSError:
+        time.sleep(0.1)
+    else:
+      pytest.fail(f"the GCS emulator did not answer at {url}")
+    os.environ.update(environment(url))
+    yield f"gs://{bucket}"
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    # The server is not stopped here: it ends itself once this process is gone. Objects that
+    # upload once more at interpreter exit (tensorboardX's gs:// event writer, kept alive by its
+    # atexit hook) would otherwise retry against a dead port for two minutes.

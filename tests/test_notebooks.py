@@ -1,8 +1,12 @@
-"""Notebooks execute top to bottom on CPU with a tiny config."""
+"""Notebooks execute top to bottom on CPU with a tiny config; their Colab parts (badge, install
+cell, TPU runtime metadata) are in step with their owners (scripts/sync_notebooks.py)."""
 
+import importlib.util
+import shutil
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from tests.conftest import REPO, UNOPTIMISED_ENV, tiny_overrides
@@ -10,7 +14,9 @@ from tests.conftest import REPO, UNOPTIMISED_ENV, tiny_overrides
 
 def execute(name: str, overrides: list[str], workdir: Path, monkeypatch) -> tuple[str, bool]:
   """Runs notebooks/NAME with the test overrides; returns (printed text, whether it plotted).
-  The kernel compiles the tiny models without XLA's optimisation passes (UNOPTIMISED_ENV)."""
+  The kernel compiles the tiny models without XLA's optimisation passes (UNOPTIMISED_ENV); its
+  install cell finds Fulcrum importable from the checkout and installs nothing."""
+  monkeypatch.delenv("FULCRUM_SOURCE", raising=False)
   monkeypatch.setenv("FULCRUM_NOTEBOOK_OVERRIDES", ";".join(overrides))
   monkeypatch.setenv("FULCRUM_NOTEBOOK_WORKDIR", str(workdir))
   for key, value in UNOPTIMISED_ENV.items():
@@ -29,6 +35,7 @@ def test_quickstart_runs(tiny_corpus, tmp_path, monkeypatch):
     tiny_corpus, **{"train.steps": 4, "train.eval_every": 4, "train.log_every": 2}
   )
   text, plotted = execute("quickstart.ipynb", overrides, tmp_path / "run", monkeypatch)
+  assert "fulcrum is installed" in text and "jax.devices(): [CpuDevice" in text
   assert "validation bits/byte" in text and plotted
   assert Path(tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -45,3 +52,47 @@ def test_efficient_training_runs(tiny_corpus, tmp_path, monkeypatch):
   for name in runs:
     assert f"{name:11s} validation bits/byte" in text
   assert "÷ AdamW" in text and plotted
+
+
+@pytest.fixture
+def sync_notebooks():
+  path = REPO / "scripts" / "sync_notebooks.py"
+  spec = importlib.util.spec_from_file_location("sync_notebooks", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_notebooks_are_in_step_with_their_owners(sync_notebooks):
+  assert sync_notebooks.problems() == []
+  url = sync_notebooks.repository_url()
+  assert url.startswith("https://github.com/")
+  for path in (REPO / "notebooks").glob("*.ipynb"):
+    nb = nbformat.read(path, as_version=4)
+    owner_repo = url.removeprefix("https://github.com/")
+    link = f"colab.research.google.com/github/{owner_repo}/blob/main/notebooks/{path.name}"
+    assert link in nb.cells[0].source
+    assert nb.metadata["accelerator"] == "TPU" and nb.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_sync_finds_and_mends_a_stale_notebook(sync_notebooks, tmp_path, monkeypatch):
+  folder = tmp_path / "notebooks"
+  shutil.copytree(REPO / "notebooks", folder)
+  monkeypatch.setattr(sync_notebooks, "NOTEBOOKS", folder)
+  monkeypatch.setattr(sync_notebooks, "INSTALL_CELL", folder / "install_cell.py")
+  nb = nbformat.read(folder / "quickstart.ipynb", as_version=4)
+  del nb.cells[0]  # The badge.
+  nb.metadata.pop("accelerator")
+  nbformat.write(nb, folder / "quickstart.ipynb")
+  cell = folder / "install_cell.py"
+  cell.write_text(cell.read_text().replace('JAX_MIN = "', 'JAX_MIN = "1'))
+  assert sync_notebooks.main(["--check"]) == 1
+  assert sorted(sync_notebooks.problems()) == [
+    "efficient_training.ipynb: the first code cell is not notebooks/install_cell.py",
+    "install_cell.py: JAX_MIN is not pyproject's jax>=0.7",
+    "quickstart.ipynb: the first cell is not its Open in Colab badge",
+    "quickstart.ipynb: the first code cell is not notebooks/install_cell.py",
+    "quickstart.ipynb: the metadata is not the Colab TPU runtime",
+  ]
+  assert sync_notebooks.main([]) == 1  # The notebooks mended; JAX_MIN is for a person to fix.
+  assert sync_notebooks.problems() == ["install_cell.py: JAX_MIN is not pyproject's jax>=0.7"]

@@ -12,6 +12,7 @@ through unrotated, as in RecurrentGemma, which rotates half).
 from __future__ import annotations
 
 import enum
+import math
 from typing import NamedTuple
 
 import jax
@@ -32,7 +33,7 @@ from fulcrum.modules.layers import (
   rope,
   tap,
 )
-from fulcrum.modules.model_config import ModelConfig
+from fulcrum.modules.model_config import ModelConfig, require
 
 
 def rotary_dims(head_dim: int, fraction: float) -> int:
@@ -67,6 +68,11 @@ class AttentionImpl(enum.StrEnum):
   XLA = "xla"
   CUDNN = "cudnn"
   REFERENCE = "reference"  # Plain einsum + softmax; the test oracle.
+
+
+# cuDNN's fused attention (`jax.nn.dot_product_attention(implementation="cudnn")`) runs on
+# NVIDIA GPUs only, on float16/bfloat16 inputs: anything else fails at the first step.
+CUDNN_DTYPES = ("bfloat16", "float16")
 
 
 class KVCache(NamedTuple):
@@ -303,6 +309,60 @@ class Attention(nn.Module):
   out_bias: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+
+  @classmethod
+  def check_config(cls, c: ModelConfig, num_kv_heads: int) -> None:
+    """Checks the `model.*` values an attention layer reads; ValueError naming the fix.
+
+    Args:
+      c: the model config.
+      num_kv_heads: the block's key/value heads (`model.num_kv_heads`, or the block's default
+        where it is 0).
+    """
+    require(c.num_heads >= 1, f"model.num_heads must be positive, got {c.num_heads}")
+    require(
+      c.num_kv_heads >= 0,
+      f"model.num_kv_heads must be >= 0 (0: the block's default), got {c.num_kv_heads}",
+    )
+    require(
+      c.num_heads % num_kv_heads == 0,
+      f"model.num_heads={c.num_heads} must divide by model.num_kv_heads={num_kv_heads}",
+    )
+    require(
+      c.head_dim >= 0, f"model.head_dim must be >= 0 (0: d_model // num_heads), got {c.head_dim}"
+    )
+    require(
+      c.head_dim > 0 or c.d_model % c.num_heads == 0,
+      f"model.d_model={c.d_model} must divide by model.num_heads={c.num_heads} "
+      "(or set model.head_dim)",
+    )
+    require(c.window >= 0, f"model.window must be >= 0 (0: full causal), got {c.window}")
+    require(
+      math.isfinite(c.rope_theta) and c.rope_theta > 0,
+      f"model.rope_theta must be a positive number (RoPE's base, e.g. 10000), got {c.rope_theta}",
+    )
+    require(
+      0 < c.rope_fraction <= 1, f"model.rope_fraction must be in (0, 1], got {c.rope_fraction}"
+    )
+    dims = int(c.per_head_dim * c.rope_fraction)
+    if c.rope_fraction == 1:
+      require(
+        dims % 2 == 0,
+        f"RoPE rotates pairs of dims, but each head has {dims} (model.head_dim, or d_model / "
+        "num_heads); make it even",
+      )
+    require(
+      dims > 0 and dims % 2 == 0,
+      f"model.rope_fraction={c.rope_fraction} rotates {dims} of each head's {c.per_head_dim} "
+      "dims; RoPE needs a positive even number (change model.rope_fraction or model.head_dim)",
+    )
+    if c.attention_impl == AttentionImpl.CUDNN:
+      backend = jax.default_backend()
+      require(
+        backend == "gpu" and c.dtype in CUDNN_DTYPES,
+        f"model.attention_impl=cudnn needs an NVIDIA GPU and model.dtype bfloat16 or float16 "
+        f"(here: {backend}, {c.dtype}); use model.attention_impl=auto",
+      )
 
   @classmethod
   def from_config(cls, c: ModelConfig, *, num_kv_heads: int, name: str) -> Attention:

@@ -46,8 +46,13 @@ def block_pattern(arch: str) -> tuple[type[nn.Module], ...]:
 
 
 def validate(config: ModelConfig) -> None:
-  """Raises ValueError for an unknown arch, or a layer stack `nn.scan` cannot stack."""
-  period = len(block_pattern(config.arch))
+  """Raises ValueError for an unknown arch, a layer stack `nn.scan` cannot stack, or a value
+  one of the arch's blocks refuses (each block class checks the keys it reads in its
+  `check_config`)."""
+  pattern = block_pattern(config.arch)
+  for block in dict.fromkeys(pattern):
+    block.check_config(config)
+  period = len(pattern)
   if config.scan_layers and config.num_layers % period:
     raise ValueError(
       f"model.scan_layers scans {config.arch} in groups of {period} layers (its block pattern), "

@@ -45,7 +45,7 @@ from fulcrum.modules.layers import (
   dense,
   tap,
 )
-from fulcrum.modules.model_config import ModelConfig
+from fulcrum.modules.model_config import ModelConfig, require, require_sizes
 
 RECURRENT, ATTENTION = "recurrent", "attention"
 
@@ -289,6 +289,22 @@ class ResidualBlock(nn.Module):
   # The token mixer: its kind and submodule path (`fulcrum.modules.blocks.layer_paths`).
   mixer: ClassVar[str] = "rg_lru"
   mixer_path: ClassVar[tuple[str, ...]] = ("recurrent_block", "rg_lru")
+
+  @classmethod
+  def check_config(cls, c: ModelConfig) -> None:
+    """Checks the `model.*` values this block reads (its temporal mixer's and the MLP's);
+    ValueError naming the fix."""
+    require_sizes(c, mlp_dim=0)
+    if cls.temporal == ATTENTION:
+      Attention.check_config(c, num_kv_heads=c.num_kv_heads or 1)
+      return
+    require_sizes(c, num_heads=1, lru_width=0, conv_width=1)
+    require(
+      c.rg_lru_width % c.num_heads == 0,
+      f"the RG-LRU gates split its width {c.rg_lru_width} (model.lru_width, 0: d_model) into "
+      f"model.num_heads={c.num_heads} blocks; make it divide by num_heads",
+    )
+    scan.check_available(c.scan_impl)
 
   @nn.compact
   def __call__(

@@ -33,7 +33,7 @@ from jaxtyping import Array, Float, Int
 
 from fulcrum.modules import scan
 from fulcrum.modules.layers import BATCH, EMBED, LENGTH, MLP, CausalConv1D, RMSNorm, dense, tap
-from fulcrum.modules.model_config import ModelConfig
+from fulcrum.modules.model_config import ModelConfig, require_sizes
 
 
 class MambaCache(NamedTuple):
@@ -253,6 +253,12 @@ class MambaBlock(nn.Module):
   # The token mixer: its kind and submodule path (`fulcrum.modules.blocks.layer_paths`).
   mixer: ClassVar[str] = "mamba"
   mixer_path: ClassVar[tuple[str, ...]] = ("mixer",)
+
+  @classmethod
+  def check_config(cls, c: ModelConfig) -> None:
+    """Checks the `model.*` values this block reads; ValueError naming the fix."""
+    require_sizes(c, ssm_state=1, ssm_expand=1, conv_width=1, dt_rank=0)
+    scan.check_available(c.scan_impl)
 
   @nn.compact
   def __call__(

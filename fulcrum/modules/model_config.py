@@ -18,6 +18,21 @@ import jax.numpy as jnp
 RUNTIME = "runtime"
 
 
+def require(ok: bool, message: str) -> None:
+  """Raises ValueError(message) unless `ok`: the config checks' one step (`models.validate`)."""
+  if not ok:
+    raise ValueError(message)
+
+
+def require_sizes(c: ModelConfig, **minimums: int) -> None:
+  """Raises ValueError naming the first `model.KEY` below its minimum (a minimum of 0 is a size
+  where 0 means "derive the default")."""
+  for key, low in minimums.items():
+    value = getattr(c, key)
+    hint = " (0: the default)" if low == 0 else ""
+    require(value >= low, f"model.{key} must be >= {low}{hint}, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture hyper-parameters (the recipe's `model.*` section, typed).

@@ -7,16 +7,17 @@ values a type alone cannot rule out; the platform's config validation calls it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from flax import linen as nn
 
 from fulcrum.modules import blocks, quant, scan
-from fulcrum.modules.attention import AttentionImpl, rotary_dims
+from fulcrum.modules.attention import AttentionImpl
 from fulcrum.modules.forecasting import LINEAR_ARCHS, build_forecaster
 from fulcrum.modules.lm import LM
-from fulcrum.modules.model_config import ModelConfig
+from fulcrum.modules.model_config import ModelConfig, require, require_sizes
 
 ARCHS = (*blocks.BLOCK_ARCHS, *LINEAR_ARCHS)
 HEADS = ("lm", "forecast")  # What a block stack outputs: next-token logits or forecasts.
@@ -28,48 +29,40 @@ SCAN_IMPLS = tuple(impl.value for impl in scan.ScanImpl)
 
 
 def validate(c: ModelConfig) -> None:
-  """Checks a model config; raises ValueError naming the problem and the fix."""
+  """Checks a model config; raises ValueError naming the problem and the fix.
 
-  def need(ok: bool, msg: str) -> None:
-    if not ok:
-      raise ValueError(msg)
-
+  Option lists are checked whatever the architecture (a misspelt value is a mistake anywhere);
+  sizes and numbers only where the architecture reads them: the linear forecasters their
+  window keys, a block stack its shell's keys and each block's own (`blocks.validate`), so
+  Mamba is not refused for attention heads it does not have.
+  """
   choices = [
     ("arch", ARCHS), ("head", HEADS), ("dtype", DTYPES), ("attention_impl", ATTENTION_IMPLS),
     ("scan_impl", SCAN_IMPLS), ("quant", quant.MODES),
   ]  # fmt: skip
   for key, options in choices:
     value = getattr(c, key)
-    need(value in options, f"model.{key}={value!r} is unknown; choose one of {', '.join(options)}")
-  for key in ("d_model", "num_layers", "num_heads", "vocab_size"):
-    need(getattr(c, key) > 0, f"model.{key} must be positive, got {getattr(c, key)}")
-  need(
-    c.num_heads % c.kv_heads == 0,
-    f"model.num_heads={c.num_heads} must divide by model.num_kv_heads={c.kv_heads}",
+    require(
+      value in options, f"model.{key}={value!r} is unknown; choose one of {', '.join(options)}"
+    )
+  require(c.input_len >= 0 and c.horizon >= 0, "model.input_len and model.horizon must be >= 0")
+  require_sizes(c, channels=0)
+  if c.arch in LINEAR_ARCHS:
+    if c.arch == "dlinear":
+      require(c.moving_avg >= 1, f"model.moving_avg must be >= 1, got {c.moving_avg}")
+    return
+  require_sizes(c, d_model=1, num_layers=1)
+  require(
+    math.isfinite(c.norm_eps) and c.norm_eps >= 0,
+    f"model.norm_eps must be a number >= 0 (RMSNorm's epsilon, e.g. 1e-6), got {c.norm_eps}",
   )
-  need(
-    c.head_dim > 0 or c.d_model % c.num_heads == 0,
-    f"model.d_model={c.d_model} must divide by model.num_heads={c.num_heads} "
-    "(or set model.head_dim)",
-  )
-  need(c.window >= 0, f"model.window must be >= 0, got {c.window}")
-  need(0 < c.rope_fraction <= 1, f"model.rope_fraction must be in (0, 1], got {c.rope_fraction}")
-  has_attention = c.arch in blocks.BLOCKS and any(
-    b.mixer == "attention" for b in blocks.block_pattern(c.arch)
-  )
-  if has_attention and c.rope_fraction != 1:
-    try:
-      rotary_dims(c.per_head_dim, c.rope_fraction)
-    except ValueError:
-      raise ValueError(
-        f"model.rope_fraction={c.rope_fraction} rotates {int(c.per_head_dim * c.rope_fraction)} "
-        f"of each head's {c.per_head_dim} dims; RoPE needs a positive even number (change "
-        "model.rope_fraction or model.head_dim)"
-      ) from None
-  if c.arch in blocks.BLOCKS:
-    blocks.validate(c)
-  need(c.input_len >= 0 and c.horizon >= 0, "model.input_len and model.horizon must be >= 0")
-  need(c.moving_avg >= 1, f"model.moving_avg must be >= 1, got {c.moving_avg}")
+  if not is_forecaster(c):  # The LM shell: embedding and logits.
+    require_sizes(c, vocab_size=1)
+    require(
+      math.isfinite(c.logits_soft_cap) and c.logits_soft_cap >= 0,
+      f"model.logits_soft_cap must be >= 0 (0: off), got {c.logits_soft_cap}",
+    )
+  blocks.validate(c)
 
 
 def is_forecaster(c: ModelConfig) -> bool:

@@ -10,7 +10,7 @@ from jaxtyping import Array, Float, Int
 
 from fulcrum.modules.attention import Attention, KVCache
 from fulcrum.modules.layers import BATCH, EMBED, LENGTH, GatedMLP, RMSNorm, tap
-from fulcrum.modules.model_config import ModelConfig
+from fulcrum.modules.model_config import ModelConfig, require_sizes
 
 
 class TransformerBlock(nn.Module):
@@ -23,6 +23,12 @@ class TransformerBlock(nn.Module):
   # The token mixer: its kind and submodule path (`fulcrum.modules.blocks.layer_paths`).
   mixer: ClassVar[str] = "attention"
   mixer_path: ClassVar[tuple[str, ...]] = ("attn",)
+
+  @classmethod
+  def check_config(cls, c: ModelConfig) -> None:
+    """Checks the `model.*` values this block reads; ValueError naming the fix."""
+    Attention.check_config(c, num_kv_heads=c.kv_heads)
+    require_sizes(c, mlp_dim=0)
 
   @nn.compact
   def __call__(

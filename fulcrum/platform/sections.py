@@ -7,6 +7,7 @@
   data        data/pipeline.py            the text corpus; tasks' recipe bases add their keys
   decode      decode/strategies.py        `fulcrum decode` / `fulcrum calibrate` defaults
   mesh        training/train_config.py    device mesh axes
+  log         training/metrics.py         TensorBoard, Weights & Biases
 
 `base_config()` assembles them; `validate(config)` runs each owner's check. Recipes start from
 `base_config()` (through `fulcrum/recipes/_bases.py`).
@@ -22,7 +23,7 @@ from fulcrum.platform.config import Section
 from fulcrum.platform.data import pipeline
 from fulcrum.platform.decode import strategies
 from fulcrum.platform.optim import factory
-from fulcrum.platform.training import tasks, train_config
+from fulcrum.platform.training import metrics, tasks, train_config
 
 
 def model_defaults() -> ml_collections.ConfigDict:
@@ -42,6 +43,7 @@ SECTIONS: dict[str, Section] = {
   "data": Section(pipeline.config_defaults, pipeline.validate_config),
   "decode": Section(strategies.config_defaults, strategies.validate_config),
   "mesh": Section(train_config.mesh_defaults, train_config.validate_mesh),
+  "log": Section(metrics.config_defaults, metrics.validate_config),
 }
 TOP_LEVEL = {"task": "lm"}  # What is trained: a task in fulcrum/platform/training/tasks/.
 
@@ -55,6 +57,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that a type alone cannot; raises `UserError` naming the fix."""
   tasks.check_name(config.get("task", "lm"))
   config_lib.check(config, SECTIONS)
+  tasks.validate(config)  # What the task needs across sections (e.g. the tokenizer's vocab).
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

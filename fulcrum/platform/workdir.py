@@ -1,7 +1,11 @@
-"""A run's workdir: prepare it for training, load its newest checkpoint, evaluate it, and find
-the KV-cache calibration `fulcrum calibrate` saved for it.
+"""A run's workdir: prepare and lock it for training, load its newest checkpoint, evaluate it,
+and find the KV-cache calibration `fulcrum calibrate` saved for it.
 
-  DIR/config.json        the resolved config (written atomically; checked on every resume)
+A workdir is a local directory or any `etils.epath` URL (`gs://bucket/run`, ...).
+
+  DIR/config.json        the resolved config (written atomically once a run is accepted;
+                         checked on every resume)
+  DIR/train.lock         held by the running `fulcrum train` (one writer per workdir)
   DIR/metrics.jsonl      one JSON object per logged step (`training/metrics.py`)
   DIR/checkpoints/       orbax checkpoints (`training/checkpoint.py`)
   DIR/kvquant/step_S/    calibrated KV-cache specs (`decode/kv_calibration.py`)
@@ -13,18 +17,24 @@ the trainer.
 
 from __future__ import annotations
 
+import fcntl
+import json
+import logging
 import os
-import tempfile
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
 from fulcrum.platform import config as config_lib
 from fulcrum.platform import sections
 from fulcrum.platform.decode import kv_calibration
 from fulcrum.platform.errors import UserError
+from fulcrum.platform.files import is_local, write_atomic
 from fulcrum.platform.optim.factory import STATE_LAYOUT_KEYS
 from fulcrum.platform.training.checkpoint import Checkpointer
 from fulcrum.platform.training.experiment import (
@@ -34,81 +44,210 @@ from fulcrum.platform.training.experiment import (
   evaluate_params,
 )
 
-
-def write_atomic(path: Path, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and a rename: never half a file."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+log = logging.getLogger("fulcrum")
 
 
-def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
-  """The resolved config of a training workdir (UserError when it has none)."""
-  path = Path(workdir).expanduser().absolute() / "config.json"
+def resolve(workdir: str | epath.PathLike) -> epath.Path:
+  """`workdir` as an absolute epath (local paths expanded; `gs://...` and other URLs kept)."""
+  text = os.fspath(workdir).strip() if not isinstance(workdir, epath.Path) else os.fspath(workdir)
+  if not text:
+    raise UserError("--workdir is empty; pass a directory, e.g. --workdir runs/my_run")
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(Path(text).expanduser().absolute())
+
+
+def read_config(workdir: str | epath.PathLike) -> ml_collections.ConfigDict:
+  """The resolved config of a training workdir (UserError when missing or unreadable)."""
+  path = resolve(workdir) / "config.json"
   if not path.exists():
     raise UserError(
       f"{path.parent} has no config.json; pass the --workdir of a `fulcrum train` run"
     )
-  return sections.from_json(path.read_text())
-
-
-def prepare(workdir: str | Path, config: ml_collections.ConfigDict) -> Path:
-  """Creates `workdir`, checks it is writable and consistent with `config`, writes config.json."""
-  workdir = Path(workdir).expanduser().absolute()
   try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write-test"
-    probe.write_text("ok")
-    probe.unlink()
+    text = path.read_text()
+  except OSError as e:
+    raise UserError(f"cannot read {path} ({e.strerror or e}); check its permissions") from None
+  try:
+    return sections.from_json(text)
+  except UserError as e:
+    raise UserError(f"{path} is not a usable config ({e})") from None
+  except (ValueError, TypeError, AttributeError, KeyError) as e:
+    what = "empty" if not text.strip() else f"not valid JSON ({type(e).__name__}: {e})"
+    raise UserError(
+      f"{path} is {what}; restore it from a backup, or pass the recipe again to `fulcrum train`"
+      " (it is rewritten once the checkpoints are checked)"
+    ) from None
+
+
+def _probe_writable(directory: epath.Path) -> None:
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    if is_local(directory):  # Unique per process: hosts of one run probe at the same time.
+      probe = directory / f".write-test-{socket.gethostname()}-{os.getpid()}"
+      probe.write_text("ok")
+      probe.unlink()
   except OSError as e:
     raise UserError(
-      f"workdir {workdir} is not writable ({e.strerror}); pass another --workdir"
+      f"{directory} is not writable ({e.strerror or e}); pass another --workdir"
     ) from None
+
+
+def prepare(workdir: str | epath.PathLike, config: ml_collections.ConfigDict) -> epath.Path:
+  """Creates `workdir` (on every process), checks it is writable and that `config` may run in it.
+
+  Nothing is written that a refused run would leave behind: `accept` writes config.json once
+  the checkpoints are checked.
+  """
+  workdir = resolve(workdir)
+  _probe_writable(workdir)
+  _probe_writable(workdir / "checkpoints")
+  for name in ("config.json", "metrics.jsonl"):
+    path = workdir / name
+    if is_local(path) and path.exists() and not os.access(os.fspath(path), os.W_OK):
+      raise UserError(f"{path} is read-only; make it writable (chmod u+w) or use a new --workdir")
   path = workdir / "config.json"
-  if path.exists():
+  if not path.exists():
+    return workdir
+  try:
     old = read_config(workdir)
-    changed = [
-      f"model.{k}: {old.model[k]!r} -> {config.model[k]!r}"
-      for k in config.model
-      if k in old.model and old.model[k] != config.model[k]
-    ]
-    if changed:
-      raise UserError(
-        f"{workdir} holds a run with a different model ({'; '.join(changed)}); "
-        "use a new --workdir or the original settings"
-      )
-    keys = [f"optimizer.{k}" for k in STATE_LAYOUT_KEYS]
-    get = config_lib.get
-    changed = [
-      f"{key}: {get(old, key)!r} -> {get(config, key)!r}"
-      for key in keys
-      if get(old, key) is not None and get(old, key) != get(config, key)
-    ]
-    if changed:
-      raise UserError(
-        f"{workdir} holds a run whose optimizer state has another layout ({'; '.join(changed)});"
-        " use a new --workdir or the original settings"
-      )
-  if jax.process_index() == 0:
-    try:
-      write_atomic(path, config_lib.to_json(config))
-    except OSError as e:  # Disk full, quota: the old config.json is still whole.
-      raise UserError(
-        f"could not write {path} ({e.strerror or e}); free space or pass another --workdir"
-      ) from None
+  except UserError as e:  # The checkpoints still guard the run: they must fit the config.
+    log.warning("%s; it will be rewritten from this run's config", e)
+    return workdir
+  changed = [
+    f"model.{k}: {old.model[k]!r} -> {config.model[k]!r}"
+    for k in config.model
+    if k in old.model and old.model[k] != config.model[k]
+  ]
+  if changed:
+    raise UserError(
+      f"{workdir} holds a run with a different model ({'; '.join(changed)}); "
+      "use a new --workdir or the original settings"
+    )
+  keys = [f"optimizer.{k}" for k in STATE_LAYOUT_KEYS]
+  get = config_lib.get
+  changed = [
+    f"{key}: {get(old, key)!r} -> {get(config, key)!r}"
+    for key in keys
+    if get(old, key) is not None and get(old, key) != get(config, key)
+  ]
+  if changed:
+    raise UserError(
+      f"{workdir} holds a run whose optimizer state has another layout ({'; '.join(changed)});"
+      " use a new --workdir or the original settings"
+    )
   return workdir
 
 
-def load(workdir: str | Path, devices=None) -> tuple[Experiment, TrainState, int]:
+def accept(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json (process 0, atomically) once the run in `workdir` is accepted."""
+  if jax.process_index() != 0:
+    return
+  path = workdir / "config.json"
+  try:
+    write_atomic(path, config_lib.to_json(config))
+  except OSError as e:  # Disk full, quota: the old config.json is still whole.
+    raise UserError(
+      f"could not write {path} ({e.strerror or e}); free space or pass another --workdir"
+    ) from None
+
+
+class Lock:
+  """One `fulcrum train` per workdir: `DIR/train.lock`, held for the whole run.
+
+  Locally the lock is an exclusive `flock` on that file: the kernel drops it when the holder
+  dies however it dies, so a stale lock never blocks a rerun. The file names its holder (host,
+  pid, start) for the refusal message. Only process 0 of a multi-host run takes it; the other
+  hosts of the same run share it. On an object store, where there is no locking, the lock is a
+  marker object checked at start and removed at exit (a dead holder's marker on this host is
+  recovered; one left by another machine must be deleted by hand, as the message says).
+  """
+
+  def __init__(self, workdir: epath.Path):
+    self.path = workdir / "train.lock"
+    self._fd: int | None = None
+    self._marker = False
+
+  def __enter__(self) -> Lock:
+    if jax.process_index() == 0:
+      self._acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # Releases the flock; the file stays (removing it would race).
+      self._fd = None
+    if self._marker:
+      self.path.unlink(missing_ok=True)
+      self._marker = False
+
+  def _holder(self) -> dict:
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    return {**me, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(me["since"]))}
+
+  def _refuse(self, holder: dict | None) -> UserError:
+    who = (
+      f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+      if holder
+      else "another process"
+    )
+    return UserError(
+      f"{self.path.parent} is in use by another `fulcrum train` ({who}); wait for it to end or "
+      "stop it, or pass another --workdir"
+    )
+
+  def _read(self) -> dict | None:
+    try:
+      holder = json.loads(self.path.read_text())
+    except (OSError, ValueError):
+      return None
+    return holder if isinstance(holder, dict) else None
+
+  def _acquire(self) -> None:
+    if not is_local(self.path):
+      self._acquire_marker()
+      return
+    fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise self._refuse(self._read()) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(self._holder()).encode(), 0)
+    self._fd = fd
+
+  def _acquire_marker(self) -> None:
+    holder = self._read() if self.path.exists() else None
+    if holder is not None:
+      dead_here = holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"))
+      if not dead_here:
+        raise self._refuse(holder)
+      log.warning("recovered the lock of a run that is gone (pid %s)", holder.get("pid"))
+    me = self._holder()
+    self.path.write_text(json.dumps(me))
+    # Object stores have no create-if-absent here: read back, so of two runs starting together
+    # the one whose marker was overwritten sees it and steps back.
+    if self._read() != me:
+      raise self._refuse(self._read())
+    self._marker = True
+
+
+def _alive(pid: Any) -> bool:
+  if not isinstance(pid, int) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def load(workdir: str | epath.PathLike, devices=None) -> tuple[Experiment, TrainState, int]:
   """The experiment and newest train state saved in a training workdir."""
-  workdir = Path(workdir).expanduser().absolute()
+  workdir = resolve(workdir)
   exp = build_experiment(read_config(workdir), devices)
   ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
   try:

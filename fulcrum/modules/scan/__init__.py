@@ -52,6 +52,19 @@ def resolve(impl: ScanImpl | str, scan: Literal["linear", "selective"] = "select
   return _AUTO.get(jax.default_backend(), _AUTO["cpu"])[scan]
 
 
+# Backends a Pallas kernel runs on: Triton (GPU), Mosaic (TPU), the interpreter (CPU, slowly).
+PALLAS_BACKENDS = ("cpu", "gpu", "tpu")
+
+
+def check_available(impl: ScanImpl | str, key: str = "model.scan_impl") -> None:
+  """Raises ValueError, naming `key` and the fix, when `impl` cannot run on this backend."""
+  if ScanImpl(impl) == ScanImpl.PALLAS and jax.default_backend() not in PALLAS_BACKENDS:
+    raise ValueError(
+      f"{key}=pallas has no kernel for the {jax.default_backend()} backend (only "
+      f"{', '.join(PALLAS_BACKENDS)}); use {key}=auto"
+    )
+
+
 def linear_scan(
   a: Float[Array, "b t d"],
   x: Float[Array, "b t d"],

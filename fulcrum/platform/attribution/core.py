@@ -486,7 +486,7 @@ def smoothgrad(
 ) -> Attribution:
   """Mean gradient under Gaussian noise N(0, σ²), σ = noise · (max x − min x) (Smilkov et al.
   2017); per token the L2 norm of the mean gradient, per series value the signed mean."""
-  if samples < 1 or noise < 0:
+  if samples < 1 or not 0 <= noise < float("inf"):  # `not`: a NaN noise fails too.
     raise ValueError(f"smoothgrad needs samples >= 1 and noise >= 0, got {samples}, {noise}")
   x = subject.z
   sigma = noise * float(x.max() - x.min())

@@ -6,15 +6,18 @@
 An LM explains a next-token log p or logit (or a continuation's log-likelihood) and writes an
 HTML token heatmap; a forecaster explains one forecast value and writes a PNG of the input
 window. The workdir is read through `fulcrum.platform.workdir` (never the trainer). Reports go
-to DIR/attribution/METHOD.html|png unless `out` names a file.
+to DIR/attribution/METHOD.html|png unless `out` names a file; both may be local paths or
+object-store URLs (gs://...), written through `etils.epath`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from fulcrum.platform import workdir as workdir_lib
 from fulcrum.platform.attribution import (
@@ -73,6 +76,17 @@ def _lm_target(tok: ByteTokenizer, target: str, token: str | None) -> Target:
   return Target(kind=target, token=token_id)
 
 
+def _write(path: epath.Path, write: Callable[[], Any]) -> None:
+  """Runs `write` (which writes the report to `path`); an OSError becomes one line."""
+  try:
+    write()
+  except OSError as e:
+    raise UserError(
+      f"cannot write the report to {path} ({e.strerror or e}); pass --out a file in a writable "
+      "folder"
+    ) from None
+
+
 def _shown(metrics: dict[str, float], completeness_gap: float | None) -> dict[str, float]:
   """The headline figures: AUCs, the Spearman ρ and integrated gradients' completeness gap."""
   shown = {k: metrics[k] for k in metrics if k.endswith(("auc", "spearman"))}
@@ -82,11 +96,11 @@ def _shown(metrics: dict[str, float], completeness_gap: float | None) -> dict[st
 
 
 def explain_workdir(
-  workdir: str | Path,
+  workdir: epath.PathLike,
   input: str,
   method: str,
   *,
-  out: str | Path | None = None,
+  out: epath.PathLike | None = None,
   target: str = "logprob",
   token: str | None = None,
   continuation: str | None = None,
@@ -167,11 +181,11 @@ def explain_workdir(
   except ValueError as e:
     raise UserError(str(e)) from None
   resolved = subject.target
-  title = f"{method} — {Path(workdir).name} (step {ckpt_step})"
+  title = f"{method} — {epath.Path(workdir).name} (step {ckpt_step})"
   if task == "lm":
     tokens = report.display_tokens(data)
     what = resolved.describe(lambda t: tok.decode([t]))
-    path = Path(out or Path(workdir) / "attribution" / f"{method}.html")
+    path = epath.Path(out or epath.Path(workdir) / "attribution" / f"{method}.html")
     html = report.html_heatmap(
       tokens,
       np.asarray(result.scores),
@@ -180,21 +194,24 @@ def explain_workdir(
       metrics=_shown(measured, result.completeness_gap),
       target_index=resolved.position if resolved.kind != "span" else None,
     )
-    report.write_html(path, html)
+    _write(path, lambda: report.write_html(path, html))
   else:
     what = resolved.describe()
-    path = Path(out or Path(workdir) / "attribution" / f"{method}.png")
+    path = epath.Path(out or epath.Path(workdir) / "attribution" / f"{method}.png")
     forecast = exp.model.apply({"params": state.params}, np.asarray(inputs)[None])[0]
     values = np.asarray(result.scores)
     if values.ndim == 1:  # A layer's per-step scores: the same colour for every channel.
       values = np.repeat(values[:, None], np.asarray(inputs).shape[-1], 1)
-    report.series_png(
+    _write(
       path,
-      np.asarray(inputs),
-      values,
-      forecast=np.asarray(forecast),
-      title=f"{title}: {what} ({source})",
-      channel_names=list(exp.task.series.channels),
+      lambda: report.series_png(
+        path,
+        np.asarray(inputs),
+        values,
+        forecast=np.asarray(forecast),
+        title=f"{title}: {what} ({source})",
+        channel_names=list(exp.task.series.channels),
+      ),
     )
   summary = {
     "method": method,

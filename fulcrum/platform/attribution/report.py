@@ -1,8 +1,9 @@
 """Rendering of attribution results: token heatmaps as HTML, series and matrices as PNG.
 
-Everything here takes plain numpy arrays (a jax array converts on the way in) and writes files or
-returns strings, so it can run after the model is gone. Plots use matplotlib's object API with the
-Agg canvas, never `pyplot`, so rendering leaves no global figure state behind and needs no display.
+Everything here takes plain numpy arrays (a jax array converts on the way in) and writes files
+(local paths or object-store URLs such as gs://, through `etils.epath`) or returns strings, so
+it can run after the model is gone. Plots use matplotlib's object API with the Agg canvas, never
+`pyplot`, so rendering leaves no global figure state behind and needs no display.
 
 - `html_heatmap` / `write_html`: one coloured `<span>` per token, red for positive attribution,
   blue for negative, with a legend and an optional metrics table; a self-contained HTML5 page.
@@ -14,12 +15,13 @@ Agg canvas, never `pyplot`, so rendering leaves no global figure state behind an
 from __future__ import annotations
 
 import html
+import io
 import unicodedata
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 _POSITIVE_RGB = (220, 38, 38)
 _NEGATIVE_RGB = (37, 99, 235)
@@ -196,17 +198,17 @@ def html_heatmap(
   return "\n".join(parts)
 
 
-def write_html(path: str | Path, html: str) -> Path:
+def write_html(path: epath.PathLike, html: str) -> epath.Path:
   """Writes an HTML document as UTF-8, creating parent directories.
 
   Args:
-    path: destination file.
+    path: destination file (a local path or a URL such as gs://bucket/report.html).
     html: the document, e.g. from `html_heatmap`.
 
   Returns:
-    The path written, as a `Path`.
+    The path written, as an `epath.Path`.
   """
-  path = Path(path)
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(html, encoding="utf-8")
   return path
@@ -222,15 +224,18 @@ def _new_figure(figsize: tuple[float, float], *, constrained: bool = True):
   return fig
 
 
-def _save(fig, path: str | Path) -> Path:
-  path = Path(path)
+def _save(fig, path: epath.PathLike) -> epath.Path:
+  """Renders `fig` as a PNG into memory, then writes it with one upload (any epath URL)."""
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  png = io.BytesIO()
   try:
     with warnings.catch_warnings():
       warnings.filterwarnings("ignore", message=r"Glyph .* missing from")
-      fig.savefig(path, dpi=_DPI)
+      fig.savefig(png, format="png", dpi=_DPI)
   finally:
     fig.clear()
+  path.write_bytes(png.getvalue())
   return path
 
 
@@ -247,14 +252,14 @@ def _mathtext_safe(label: str) -> str:
 
 
 def series_png(
-  path: str | Path,
+  path: epath.PathLike,
   series: np.ndarray,
   scores: np.ndarray,
   *,
   forecast: np.ndarray | None = None,
   title: str = "",
   channel_names: Sequence[str] | None = None,
-) -> Path:
+) -> epath.Path:
   """Plots a time series coloured by its attribution, with an optional forecast, as a PNG.
 
   Each channel (at most the first 4) gets two stacked panels sharing the x axis: on top the input
@@ -271,7 +276,7 @@ def series_png(
     channel_names: optional name per channel (length c).
 
   Returns:
-    The path written, as a `Path`.
+    The path written, as an `epath.Path`.
 
   Raises:
     ValueError: on any shape mismatch between the arrays or with `channel_names`.
@@ -362,12 +367,12 @@ def series_png(
 
 
 def matrix_png(
-  path: str | Path,
+  path: epath.PathLike,
   matrix: np.ndarray,
   *,
   labels: Sequence[str] | None = None,
   title: str = "",
-) -> Path:
+) -> epath.Path:
   """Plots a [t, t] map (rows = queries / outputs, columns = inputs) as a PNG heatmap.
 
   A non-negative matrix (e.g. an attention rollout) uses a sequential colormap; one with negative
@@ -381,7 +386,7 @@ def matrix_png(
     title: figure title.
 
   Returns:
-    The path written, as a `Path`.
+    The path written, as an `epath.Path`.
 
   Raises:
     ValueError: if `matrix` is not square 2-D or `labels` has the wrong length.

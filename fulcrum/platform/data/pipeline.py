@@ -23,7 +23,10 @@ dict and `set_state()` on a fresh iterator from the same config resumes exactly.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -219,6 +222,23 @@ class _ToInputsTargets(grain.transforms.Map):
     return {"inputs": window[:-1], "targets": window[1:]}
 
 
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """grain worker init: the worker ends itself once the process that started it is gone.
+
+  A training process killed with SIGKILL cannot stop its workers (each holds a few hundred MB);
+  a daemon thread in each worker polls its parent and exits when it changes.
+  """
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(0)
+
+  threading.Thread(target=watch, daemon=True, name="fulcrum-exit-with-parent").start()
+
+
 def _packed(
   ds: grain.MapDataset, text_key: str, seq_len: int, num_workers: int
 ) -> grain.IterDataset:
@@ -232,7 +252,9 @@ def _packed(
     # Before packing: workers take interleaved slices and the output is re-interleaved in
     # order, so the token stream (and the checkpointed packing state) does not depend on
     # the worker count.
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    it = it.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=exit_with_parent
+    )
   it = ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
   return it.map(_ToInputsTargets())
 

@@ -217,8 +217,20 @@ def load(data_cfg: ml_collections.ConfigDict, *, input_len: int, horizon: int) -
     len(values), input_len, horizon, data_cfg.train_fraction, data_cfg.test_fraction
   )
   train = values[slice(*borders["train"])]
-  mean, std = train.mean(axis=0), train.std(axis=0)
-  std = np.where(std > 0, std, 1.0)  # A constant channel is only centred (as scikit-learn).
+  # Huge values overflow the variance (std inf: every input 0, a NaN run), and the model sees
+  # float32: each channel's mean, std and standardised values must be finite (checked below).
+  with np.errstate(over="ignore", invalid="ignore"):
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)  # A constant channel is only centred (as scikit-learn).
+    scaled = ((values - mean) / std).astype(np.float32)
+  finite = np.isfinite(mean) & np.isfinite(std) & np.isfinite(scaled).all(axis=0)
+  if not finite.all():
+    name = channels[int(np.argmin(finite))]
+    raise UserError(
+      f"{label}: column {name!r} holds values too large to standardise (their mean or standard "
+      "deviation overflows, or standardised values exceed float32); rescale that column (e.g. "
+      "to other units or its logarithm) or drop it with data.columns"
+    )
   return Series(
     label=label,
     key=builder.builder_config.name,

@@ -16,19 +16,21 @@ baseline), "int-channel" (uniform, keys per channel pre-RoPE, values per token).
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from fulcrum.modules import kv_codebooks, kvquant
 from fulcrum.modules.attention import KVCache
 from fulcrum.modules.blocks import LayerPath, layer_groups, layer_paths
+from fulcrum.platform import files
 from fulcrum.platform.decode.cache import is_layer_cache, quantized_cache
 from fulcrum.platform.errors import UserError
 
@@ -222,29 +224,29 @@ _ARRAY_FIELDS = ("key_codebook", "value_codebook", "key_center", "key_scale")
 _STATIC_FIELDS = ("key_mode", "outliers", "outlier_dtype", "scale_dtype", "pre_rope")
 
 
-def save(path: str | Path, specs: Any, info: dict[str, Any]) -> None:
-  """Writes specs (with `info`: method, bits, step, ...) to a .npz file, atomically."""
+def save(path: epath.PathLike, specs: Any, info: dict[str, Any]) -> None:
+  """Writes specs (with `info`: method, bits, step, ...) to a .npz file (local or an object
+  store URL such as gs://), whole or not at all."""
   leaves = _spec_leaves(specs)
   arrays = {
     f"{i}/{f}": np.asarray(getattr(s, f)) for i, s in enumerate(leaves) for f in _ARRAY_FIELDS
   }
   layers = [{f: getattr(s, f) for f in _STATIC_FIELDS} for s in leaves]
   meta = json.dumps({"info": info, "layers": layers})
-  path = Path(path)
+  buffer = io.BytesIO()
+  np.savez(buffer, meta=np.asarray(meta), **arrays)
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, meta=np.asarray(meta), **arrays)
-  tmp.replace(path)
+  files.write_atomic(path, buffer.getvalue())
 
 
-def load(path: str | Path, model) -> tuple[Any, dict[str, Any]]:
+def load(path: epath.PathLike, model) -> tuple[Any, dict[str, Any]]:
   """Specs saved by `save`, placed for `model`'s cache; returns (specs, info).
 
   Raises:
     ValueError: the file does not hold one spec per attention layer group of `model`.
   """
-  with np.load(path) as f:
+  with np.load(io.BytesIO(epath.Path(path).read_bytes())) as f:
     meta = json.loads(str(f["meta"]))
     layers = [
       kvquant.KVQuantSpec(
@@ -261,16 +263,16 @@ def load(path: str | Path, model) -> tuple[Any, dict[str, Any]]:
   return _arrange(model, layers), meta["info"]
 
 
-def spec_path(workdir: str | Path, step: int, method: str, bits: int) -> Path:
+def spec_path(workdir: epath.PathLike, step: int, method: str, bits: int) -> epath.Path:
   """Where `fulcrum calibrate` keeps a checkpoint's specs: DIR/kvquant/step_S/METHOD_BITS.npz."""
-  return Path(workdir) / "kvquant" / f"step_{step}" / f"{method}_{bits}bit.npz"
+  return epath.Path(workdir) / "kvquant" / f"step_{step}" / f"{method}_{bits}bit.npz"
 
 
 def calibrate_experiment(
   exp,
   params,
   step: int,
-  workdir: str | Path,
+  workdir: epath.PathLike,
   *,
   method: str | None = None,
   bits: int | None = None,
@@ -289,6 +291,9 @@ def calibrate_experiment(
     raise UserError(f"unknown KV-cache method {method!r}; choose one of {', '.join(METHODS)}")
   if bits not in BITS:
     raise UserError(f"KV-cache bits must be one of {', '.join(map(str, BITS))}, got {bits}")
+  num_batches = d.calibration_batches if num_batches is None else num_batches
+  if num_batches < 1:
+    raise UserError(f"calibration batches (--batches) must be >= 1, got {num_batches}")
   if exp.config.task != "lm":
     raise UserError(f"{workdir} trains task {exp.config.task!r}; calibrate needs a language model")
   if not _attention_groups(exp.model):
@@ -296,9 +301,7 @@ def calibrate_experiment(
       f"model.arch={exp.config.model.arch} has no attention layers, so no KV cache to quantize"
     )
   iterator = exp.task.train_iterator(0, 1)
-  batches = [
-    np.asarray(next(iterator)["inputs"]) for _ in range(num_batches or d.calibration_batches)
-  ]
+  batches = [np.asarray(next(iterator)["inputs"]) for _ in range(num_batches)]
   specs = calibrate(exp.model, params, batches, bits, method, d.kv_outlier_fraction)
   path = spec_path(workdir, step, method, bits)
   save(path, specs, {"method": method, "bits": bits, "step": step})

@@ -16,6 +16,7 @@ from fulcrum.platform.decode import strategies
 from fulcrum.platform.decode.generate import generate
 from fulcrum.platform.decode.speculative import Draft, Speculative
 from fulcrum.platform.errors import UserError
+from fulcrum.platform.training.train_config import MAX_SEED
 
 
 def _window(lookahead: str) -> tuple[int, int, int]:
@@ -78,6 +79,8 @@ def decode_prompt(
     raise UserError("--prompt is empty; pass the text to continue, e.g. --prompt 'def main('")
   if max_new_tokens < 1:
     raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+  if not 0 <= seed <= MAX_SEED:
+    raise UserError(f"--seed must be an integer in [0, 2**63 - 1], got {seed}")
   window = None if lookahead is None else _window(lookahead)
   exp, state, step = workdir_lib.load(workdir)
   if exp.config.task != "lm":
@@ -93,6 +96,11 @@ def decode_prompt(
     if not draft_workdir:
       raise UserError(f"--strategy {name} needs --draft-workdir (e.g. a `lm_draft` run)")
     draft_exp, draft_state, _ = workdir_lib.load(draft_workdir)
+    if draft_exp.config.task != "lm":
+      raise UserError(
+        f"--draft-workdir {draft_workdir} trains task {draft_exp.config.task!r}; a draft must be "
+        "a language model with the target's tokenizer (e.g. an `lm_draft` run)"
+      )
     draft = Draft(draft_exp.model, draft_state.params)
   kv_cache = kv_cache or d.kv_cache
   if kv_cache not in strategies.KV_CACHES:

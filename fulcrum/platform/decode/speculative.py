@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 from typing import Any, ClassVar, NamedTuple
 
@@ -274,6 +275,10 @@ class Cascade(Speculative):
     super().__post_init__()
     if self.rule not in RULES:
       raise ValueError(f"unknown cascade rule {self.rule!r}; choose one of {', '.join(RULES)}")
+    if not math.isfinite(self.alpha):
+      raise ValueError(
+        f"cascade alpha (the deferral threshold) must be a finite number, got {self.alpha}"
+      )
 
   @property
   def deferral(self) -> tuple[str, float]:

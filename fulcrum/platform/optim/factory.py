@@ -73,6 +73,15 @@ def validate_config(o: ml_collections.ConfigDict) -> None:
     (o.name in OPTIMIZERS, f"optimizer.name={o.name!r} is unknown; choose one of "
      f"{', '.join(OPTIMIZERS)}"),
     (o.learning_rate > 0, f"optimizer.learning_rate must be positive, got {o.learning_rate}"),
+    (o.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {o.warmup_steps}"),
+    (0 <= o.b1 < 1, f"optimizer.b1 must be in [0, 1) (Adam's first-moment decay, e.g. 0.9), got "
+     f"{o.b1}"),
+    (0 <= o.b2 < 1, f"optimizer.b2 must be in [0, 1) (Adam's second-moment decay, e.g. 0.95), "
+     f"got {o.b2}"),
+    (o.eps >= 0, f"optimizer.eps must be >= 0 (e.g. 1e-8), got {o.eps}"),
+    (0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}"),
+    (o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}"),
+    (o.clip_norm >= 0, f"optimizer.clip_norm must be >= 0 (0: off), got {o.clip_norm}"),
     (o.galore.rank >= 1, f"optimizer.galore.rank must be >= 1, got {o.galore.rank}"),
     (o.galore.update_proj_gap >= 1, "optimizer.galore.update_proj_gap must be >= 1, got "
      f"{o.galore.update_proj_gap}"),

@@ -1,81 +1,256 @@
-"""Checkpoints with orbax: periodic async saves, keep-last-K, resume, and corrupt fallback.
+"""Checkpoints with orbax: periodic async saves, keep-last-K, verified restores, corrupt fallback.
 
-A checkpoint holds two items: `state` (the train-state pytree: params, optimizer state, step,
-rng, counters) and `data` (the grain iterator's JSON state), so that a resumed run sees exactly
-the batches an uninterrupted run would.
+A checkpoint `checkpoints/STEP/` holds two items:
+
+  state/   the train-state pytree (params, optimizer state, step, rng, counters), orbax arrays
+  data/    one file per process, `process_I-of-N.json`: that process's data-iterator state, its
+           sha256, and the fingerprints of every `state` array (`integrity.py`)
+
+so a resumed run sees exactly the batches an uninterrupted run would, on every host. A restore
+is trusted only when the arrays' fingerprints and the iterator state's digest match what was
+saved. What happens to a checkpoint that is not usable depends on why:
+
+- it does not fit the config (other shapes or dtypes, another process count): `UserError`,
+  nothing is moved or deleted;
+- it cannot be read or fails verification (truncated, bit flips, a missing or empty iterator
+  state): it is moved aside to `checkpoints/corrupt-STEP-TIME` (never deleted) and the previous
+  checkpoint is tried.
+
+Non-finite parameters are never saved, and a save that fails stops the run with one line.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from fulcrum.platform.errors import UserError
+from fulcrum.platform.training import integrity
 
 log = logging.getLogger("fulcrum")
 
+DATA_FORMAT = "fulcrum-data-1"
+
+
+class CorruptCheckpoint(Exception):
+  """A checkpoint that cannot be trusted (it is moved aside)."""
+
+
+class Restored(NamedTuple):
+  step: int
+  state: Any
+  data_state: dict | None  # None only for checkpoints saved before per-process data files.
+
+
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  iterator_state: dict
+  fingerprints: dict[str, int]
+
+
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def _process_file(directory: epath.Path) -> epath.Path:
+  return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+class DataHandler(ocp.CheckpointHandler):
+  """Saves and restores each process's own `data/process_I-of-N.json` (orbax handler)."""
+
+  def save(self, directory: epath.Path, args: DataSave) -> None:
+    payload = {
+      "format": DATA_FORMAT,
+      "iterator": args.iterator_state,
+      "iterator_sha256": integrity.digest(args.iterator_state),
+      "state_fingerprints": args.fingerprints,
+    }
+    _process_file(epath.Path(directory)).write_text(json.dumps(payload))
+
+  def restore(self, directory: epath.Path, args: DataRestore | None = None) -> dict:
+    directory = epath.Path(directory)
+    path = _process_file(directory)
+    if not path.exists():
+      others = sorted(p.name for p in directory.glob("process_*-of-*.json"))
+      if others and not any(n.endswith(f"-of-{jax.process_count()}.json") for n in others):
+        raise UserError(
+          f"the checkpoint in {directory.parent} was saved by a run with another number of "
+          f"processes ({others[0]}); resume with the original process count"
+        )
+      if (directory / "metadata").exists() and not others:  # Saved before this format.
+        return {"format": "legacy", "iterator": json.loads((directory / "metadata").read_text())}
+      raise CorruptCheckpoint(f"{path.name} is missing")
+    try:
+      payload = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+      raise CorruptCheckpoint(f"{path.name} is not valid JSON ({e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != DATA_FORMAT:
+      raise CorruptCheckpoint(f"{path.name} is not a Fulcrum data state")
+    iterator = payload.get("iterator")
+    if not isinstance(iterator, dict) or not iterator:
+      raise CorruptCheckpoint(f"{path.name} holds an empty data-iterator state")
+    if integrity.digest(iterator) != payload.get("iterator_sha256"):
+      raise CorruptCheckpoint(f"{path.name}: the data-iterator state fails its checksum")
+    return payload
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+  def finalize(self, directory: epath.Path) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+ocp.args.register_with_handler(DataHandler, for_save=True)(DataSave)
+ocp.args.register_with_handler(DataHandler, for_restore=True)(DataRestore)
+
+
+def _on_any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
 
 class Checkpointer:
-  """Wraps an orbax `CheckpointManager` over `DIR/checkpoints`."""
+  """Wraps an orbax `CheckpointManager` over `DIR/checkpoints` (local or any epath URL)."""
 
-  def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
-    self.directory = Path(directory).absolute()
+  def __init__(self, directory: str | epath.PathLike, *, keep: int = 3, async_save: bool = True):
+    directory = epath.Path(directory)
+    self.directory = directory if directory.is_absolute() else epath.Path.cwd() / directory
     self._keep, self._async = keep, async_save
     self._manager = self._open()
+    self.last_saved: int | None = None
 
-  def _open(self) -> ocp.CheckpointManager:
+  def _open(self, async_save: bool | None = None) -> ocp.CheckpointManager:
+    async_save = self._async if async_save is None else async_save
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=self._keep, create=True, enable_async_checkpointing=self._async
+      max_to_keep=self._keep, create=True, enable_async_checkpointing=async_save
     )
-    return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": DataHandler()}
+    return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: dict | None, *, force: bool = False) -> None:
-    """Starts saving (in the background when async); `wait()` blocks until it is durable."""
-    args = {"state": ocp.args.StandardSave(state)}
-    args["data"] = ocp.args.JsonSave(data_state if data_state is not None else {})
-    self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+  def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> None:
+    """Starts saving (in the background when async); `wait()` blocks until it is durable.
+
+    Raises FloatingPointError (and saves nothing) when a parameter is not finite, and
+    `UserError` when the save fails.
+    """
+    fingerprints, finite = integrity.summarize(state)
+    if not finite:
+      raise FloatingPointError(
+        f"the train state at step {step} holds non-finite values; not saving it over the "
+        f"last good checkpoint (step {self.last_saved})"
+      )
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=DataSave(dict(data_state), fingerprints)
+    )
+    try:
+      self._manager.save(step, args=args, force=force)
+    except Exception as e:  # orbax surfaces an earlier async failure here too.
+      raise self._save_failed(step, e) from None
+    self.last_saved = step
+
+  def _save_failed(self, step: int, error: Exception) -> UserError:
+    return UserError(
+      f"saving the checkpoint at step {step} in {self.directory} failed "
+      f"({type(error).__name__}: {str(error)[:200]}); training stopped. Fix the cause "
+      "(disk space, permissions) and rerun the same command to resume"
+    )
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_failed(self.last_saved or -1, e) from None
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-    """Restores the newest readable checkpoint, or None when there is none.
+  def _layout(self, reader: ocp.CheckpointManager, step: int) -> dict:
+    metadata = reader.item_metadata(step)["state"]
+    if metadata is None:
+      raise CorruptCheckpoint("no state metadata")
+    return integrity.layout(metadata)
 
-    A checkpoint that fails to restore (truncated, partially deleted) is moved aside to
-    `checkpoints/corrupt-STEP-TIME` with a warning — never deleted — and the previous one is
-    tried. Raises `UserError` when checkpoints exist but none can be read.
+  def _restore(self, reader: ocp.CheckpointManager, step: int, abstract_state: Any) -> Restored:
+    try:
+      differences = integrity.layout_differences(
+        self._layout(reader, step), integrity.layout(abstract_state)
+      )
+    except UserError:
+      raise
+    except Exception as e:
+      raise CorruptCheckpoint(f"unreadable metadata ({type(e).__name__}: {e})") from None
+    if differences:
+      raise UserError(
+        f"the checkpoint at step {step} in {self.directory} was saved by a run with other "
+        f"settings ({'; '.join(differences)}); use the original settings or a new --workdir"
+      )
+    try:
+      restored = reader.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=DataRestore()),
+      )
+    except (UserError, CorruptCheckpoint):
+      raise
+    except Exception as e:  # orbax and tensorstore raise many types for unreadable files.
+      raise CorruptCheckpoint(f"{type(e).__name__}: {str(e)[:200]}") from None
+    state, data = restored["state"], restored["data"]
+    if data["format"] == "legacy":
+      log.warning("checkpoint %d predates checksums; restored without verifying it", step)
+      return Restored(step, state, data["iterator"] or None)
+    changed = integrity.changed_fingerprints(
+      data["state_fingerprints"], integrity.summarize(state)[0]
+    )
+    if changed:
+      raise CorruptCheckpoint(
+        f"{len(changed)} array(s) fail their checksum ({', '.join(changed[:3])})"
+      )
+    return Restored(step, state, data["iterator"])
+
+  def restore_latest(self, abstract_state: Any) -> Restored | None:
+    """The newest checkpoint that restores and verifies, or None when there is none.
+
+    A corrupt checkpoint is moved aside (never deleted) and the previous one is tried; one that
+    does not fit `abstract_state` is a `UserError` and nothing is moved. Raises `UserError`
+    when checkpoints exist but none can be trusted.
     """
-    steps = self.steps()
-    for step in reversed(steps):
-      try:
-        restored = self._manager.restore(
-          step,
-          args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-          ),
-        )
-        return step, restored["state"], dict(restored["data"] or {})
-      except Exception as e:  # orbax raises many types for unreadable files.
-        aside = self.directory / f"corrupt-{step}-{int(time.time())}"
-        log.warning(
-          "checkpoint at step %d is unreadable (%s: %s); moved to %s, trying an earlier one",
-          step,
-          type(e).__name__,
-          str(e)[:200],
-          aside,
-        )
-        if jax.process_index() == 0:
-          (self.directory / str(step)).rename(aside)
-        self._manager.close()
-        self._manager = self._open()
+    # A synchronous reader: a failed read in an async manager leaves tensorstore callbacks
+    # behind that print "Event loop is closed" tracebacks by the dozen.
+    reader = self._open(async_save=False)
+    steps = sorted(reader.all_steps())
+    try:
+      for step in reversed(steps):
+        try:
+          restored, why = self._restore(reader, step, abstract_state), None
+        except CorruptCheckpoint as e:
+          restored, why = None, str(e)
+        # Hosts agree: one host's corrupt data file makes the checkpoint corrupt for all.
+        if not _on_any_process(why is not None):
+          return restored
+        self._move_aside(step, why or "corrupt on another process")
+        reader.reload()
+    finally:
+      reader.close()
+      self._manager.reload()
     if steps:
       raise UserError(
         f"no checkpoint in {self.directory} could be read (moved aside as corrupt-*); "
@@ -83,6 +258,21 @@ class Checkpointer:
       )
     return None
 
+  def _move_aside(self, step: int, why: str) -> None:
+    aside = self.directory / f"corrupt-{step}-{int(time.time())}"
+    log.warning(
+      "checkpoint %d is corrupt (%s); moved to %s, trying an earlier one", step, why, aside
+    )
+    _barrier(f"fulcrum-corrupt-{step}-read")
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(aside)
+    _barrier(f"fulcrum-corrupt-{step}-moved")
+
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for a save in flight and closes; a failure here is logged (`wait()` raises it)."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      log.error("the checkpoint save in flight failed: %s: %s", type(e).__name__, str(e)[:200])
+    finally:
+      self._manager.close()

@@ -21,6 +21,7 @@ def train_defaults() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1  # Micro-batches per step; batch_size must divide by it.
   c.progress = True  # Show a progress bar (loss, tokens/s).
   c.async_checkpointing = True  # Save checkpoints in a background thread.
+  c.profile_steps = ""  # "A:B": a jax.profiler trace of steps A to B in WORKDIR/profile/.
   return c
 
 
@@ -28,15 +29,43 @@ POSITIVE = (
   "steps", "batch_size", "seq_len", "log_every", "keep_checkpoints", "max_nan_steps",
   "grad_accum_steps", "checkpoint_every", "eval_batches",
 )  # fmt: skip
+# `jax.random.PRNGKey` takes a signed 64-bit seed; the synthetic tasks' NumPy streams refuse
+# negative ones.
+MAX_SEED = 2**63 - 1
+
+
+def profile_range(spec: str) -> tuple[int, int] | None:
+  """`train.profile_steps` as (first, last) step, None when empty; ValueError naming the fix."""
+  if not spec.strip():
+    return None
+  first, sep, last = spec.partition(":")
+  try:
+    first_step, last_step = int(first), int(last)
+  except ValueError:
+    first_step = last_step = 0
+  if not sep or not 1 <= first_step <= last_step:
+    raise ValueError(
+      f"train.profile_steps={spec!r} must be A:B, the first and last step to trace with "
+      "1 <= A <= B (e.g. 10:12), or empty for no trace"
+    )
+  return first_step, last_step
 
 
 def validate_train(t: ml_collections.ConfigDict) -> None:
   """Checks the `train.*` section; raises ValueError naming the fix."""
+  profile = profile_range(t.profile_steps)
+  if profile and profile[1] > t.steps:
+    raise ValueError(
+      f"train.profile_steps={t.profile_steps!r} ends after train.steps={t.steps}; "
+      "trace steps that run"
+    )
   for key in POSITIVE:
     if t[key] <= 0:
       raise ValueError(f"train.{key} must be positive, got {t[key]}")
   if t.eval_every < 0:
     raise ValueError(f"train.eval_every must be >= 0, got {t.eval_every}")
+  if not 0 <= t.seed <= MAX_SEED:
+    raise ValueError(f"train.seed must be an integer in [0, 2**63 - 1], got {t.seed}")
   if t.batch_size % t.grad_accum_steps:
     raise ValueError(
       f"train.batch_size={t.batch_size} must divide by train.grad_accum_steps={t.grad_accum_steps}"

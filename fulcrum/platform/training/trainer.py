@@ -8,7 +8,9 @@ from the newest checkpoint in `workdir` if there is one, and trains to `train.st
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.experimental import multihost_utils
 
 from fulcrum.platform import sections
 from fulcrum.platform import workdir as workdir_lib
 from fulcrum.platform.errors import UserError
-from fulcrum.platform.training import sharding
+from fulcrum.platform.training import sharding, telemetry
 from fulcrum.platform.training.checkpoint import Checkpointer
 from fulcrum.platform.training.experiment import (
   Experiment,
@@ -71,7 +74,13 @@ def make_train_step(exp: Experiment):
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    update_norm = optax.tree.norm(updates)
+    # Which of loss, gradients, update (or the new parameters) went non-finite first.
+    checks = (loss, grad_norm, update_norm + optax.tree.norm(params))
+    cause = jnp.int32(0)
+    for code, value in reversed(list(enumerate(checks, start=1))):
+      cause = jnp.where(jnp.isfinite(value), cause, code)
+    finite = cause == 0
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(
       step=state.step + 1,
@@ -85,9 +94,10 @@ def make_train_step(exp: Experiment):
       "learning_rate": schedule(state.step),
       "grad_norm": grad_norm,
       "param_norm": optax.tree.norm(state.params),
-      "update_norm": optax.tree.norm(updates),
+      "update_norm": update_norm,
       "nonfinite_skipped": new_state.nonfinite_total,
       "nonfinite_run": new_state.nonfinite_run,
+      "nonfinite_cause": cause,
     }
     return new_state, metrics
 
@@ -105,39 +115,80 @@ def jit_train_step(exp: Experiment):
 
 
 class _StopSignal:
-  """Turns SIGTERM (preemption) and a first Ctrl-C into a flag checked between steps.
+  """Turns SIGTERM (preemption) and a first Ctrl-C into a stop that every host agrees on.
 
-  The loop then saves a checkpoint and returns; a second Ctrl-C interrupts at once.
+  The loop asks `agreed(step)` after each step; when it says yes, every host saves a checkpoint
+  at that same step and returns. On one host that is the signal flag. On several, SIGTERM is
+  left to JAX's preemption notifier, which tells every host through the coordination service,
+  and `jax.experimental.multihost_utils.reached_preemption_sync_point` picks the common step;
+  a Ctrl-C is forwarded to it as a SIGTERM. A second Ctrl-C exits at once (status 130).
   """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.received: str | None = None
     self._old: dict[int, Any] = {}
+    self._hosts = jax.process_count()
 
   def __enter__(self):
+    signals = (signal.SIGINT,) if self._hosts > 1 else (signal.SIGTERM, signal.SIGINT)
     try:
-      self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+      self._old = {sig: signal.signal(sig, self._handle) for sig in signals}
     except ValueError:  # Not the main thread: leave signals alone.
       self._old = {}
     return self
 
   def _handle(self, signum, frame):
     if self.received and signum == signal.SIGINT:
-      raise KeyboardInterrupt
+      # Leave now, without unwinding through orbax's save threads (a traceback, or a crash at
+      # interpreter exit). A save cut short is never committed: resume takes the last whole one.
+      sys.stderr.write("fulcrum: interrupted again; stopped without saving (rerun to resume)\n")
+      sys.stderr.flush()
+      os._exit(130)
     self.received = signal.Signals(signum).name
+    if self._hosts > 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def agreed(self, step: int) -> bool:
+    """Whether every host stops after `step`."""
+    if self._hosts == 1:
+      return self.received is not None
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.received = self.received or "SIGTERM"
+      return True
+    return False
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
 
+def _diverged(run: int, cause: int, step: int, config: ml_collections.ConfigDict) -> Exception:
+  """The error for `run` consecutive skipped steps, naming what went non-finite."""
+  opt = config.optimizer
+  why = {
+    1: "the loss was not finite; lower optimizer.learning_rate or use model.dtype=float32",
+    2: "the gradients were not finite while the loss was; lower optimizer.learning_rate, "
+    "set optimizer.clip_norm, or use model.dtype=float32",
+    3: "the optimizer update was not finite while the loss and gradients were; check the "
+    f"optimizer settings (optimizer.learning_rate={opt.learning_rate}, "
+    f"optimizer.eps={opt.get('eps')})",
+  }.get(cause, "a value was not finite")
+  return FloatingPointError(f"{run} consecutive steps were skipped (at step {step}): {why}")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-  """Trains (or resumes) `config` in `workdir` up to `train.steps`; returns the last metrics."""
+  """Trains (or resumes) `config` in `workdir` up to `train.steps`; returns the last metrics.
+
+  The workdir is locked for the run; config.json is written once the checkpoints are checked.
+  """
   sections.validate(config)
   sharding.maybe_initialize_distributed()
   workdir = workdir_lib.prepare(workdir, config)
+  with workdir_lib.Lock(workdir):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
   t = config.train
   exp = build_experiment(config)
   dp = sharding.data_parallel_size(exp.mesh)
@@ -150,31 +201,41 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
   hosts = (jax.process_index(), jax.process_count())
   train_iter = exp.task.train_iterator(*hosts)
   eval_batches = exp.task.eval_sets(*hosts)
+  log.info("devices: %s", telemetry.describe_devices())
   log.info("data: %s", exp.task.summary())
 
   ckpt = Checkpointer(
     workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing
   )
-  restored = ckpt.restore_latest(exp.abstract_state)
-  if restored is None:
-    state, start = exp.init_state(), 0
-  else:
-    start, state, data_state = restored
-    if data_state:
-      train_iter.set_state(data_state)
-    log.info("resumed from step %d in %s", start, ckpt.directory)
+  try:
+    restored = ckpt.restore_latest(exp.abstract_state)
+    if restored is None:
+      state, start = exp.init_state(), 0
+    else:
+      start, state, data_state = restored
+      if data_state is not None:  # None: a checkpoint from before per-process data states.
+        train_iter.set_state(data_state)
+      ckpt.last_saved = start
+      log.info("resumed from step %d in %s", start, ckpt.directory)
+    workdir_lib.accept(workdir, config)
+    writer = MetricsWriter(workdir, resume_step=start, config=config)
+  except BaseException:
+    ckpt.close()
+    raise
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   log.info(
     "model: %s, %.2fM parameters; mesh %s", config.model.arch, n_params / 1e6, dict(exp.mesh.shape)
   )
-  writer = MetricsWriter(workdir, resume_step=start)
   train_step = jit_train_step(exp)
   eval_step = jax.jit(make_eval_step(exp))
   tokens_per_step = t.batch_size * t.seq_len
   last: dict[str, Any] = {}
   bar = progress_bar(t.steps, start, t.progress)
   interval_start, interval_steps = time.perf_counter(), 0
+  loss_mean, utilisation = telemetry.IntervalMean(), telemetry.Utilisation()
+  profiler = telemetry.Profiler(t.profile_steps, workdir / "profile")
+  profiler.at(start, state)
   pending_check = None
   step = start
   try:
@@ -185,18 +246,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
           state, metrics = train_step(state, batch)
         step += 1
         interval_steps += 1
+        loss_mean.add(metrics["loss"])
+        profiler.at(step, state)
         # Check the previous step's counter, so the host never waits on the step in flight.
-        if pending_check is not None and int(pending_check) >= t.max_nan_steps:
-          raise FloatingPointError(
-            f"{int(pending_check)} consecutive steps had a non-finite loss or gradient "
-            f"(at step {step - 1}); lower optimizer.learning_rate or use model.dtype=float32"
-          )
-        pending_check = metrics.pop("nonfinite_run")
+        if pending_check is not None and int(pending_check[0]) >= t.max_nan_steps:
+          raise _diverged(int(pending_check[0]), int(pending_check[1]), step - 1, config)
+        pending_check = (metrics.pop("nonfinite_run"), metrics.pop("nonfinite_cause"))
         if step % t.log_every == 0 or step == t.steps:
           metrics = jax.device_get(metrics)
+          metrics["loss"] = loss_mean.pop()  # The interval's mean, not its last step's.
           elapsed = time.perf_counter() - interval_start
           metrics["tokens_per_s"] = interval_steps * tokens_per_step / max(elapsed, 1e-9)
           metrics["step_time_s"] = elapsed / interval_steps
+          with exp.activate():
+            metrics.update(utilisation.row(interval_steps, elapsed, train_step, state, batch))
           writer.write(step, metrics)
           bar.set_postfix(
             loss=f"{float(metrics['loss']):.3f}",
@@ -212,9 +275,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
           bar.write(f"step {step}: {eval_summary(ev)}")
           interval_start = time.perf_counter()
         bar.update(1)
-        if step % t.checkpoint_every == 0 or step == t.steps or stop.received:
+        stopping = stop.agreed(step)
+        if step % t.checkpoint_every == 0 or step == t.steps or stopping:
           ckpt.save(step, state, train_iter.get_state(), force=True)
-        if stop.received:
+        if stopping:
           ckpt.wait()
           log.warning(
             "%s: saved a checkpoint at step %d; rerun the same command to resume",
@@ -223,15 +287,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
           )
           last["preempted"] = True
           break
+      ckpt.wait()  # A failed background save stops the run here, not silently.
   finally:
+    profiler.close()
     bar.close()
     ckpt.close()
     writer.close()
-  if pending_check is not None and int(pending_check) >= t.max_nan_steps:
-    raise FloatingPointError(
-      f"{int(pending_check)} consecutive non-finite steps at the end "
-      "of training; lower optimizer.learning_rate"
-    )
+  if pending_check is not None and int(pending_check[0]) >= t.max_nan_steps:
+    raise _diverged(int(pending_check[0]), int(pending_check[1]), step, config)
   if step == start and not last:  # Already trained to train.steps: report where it stands.
     log.info(
       "%s is already trained to step %d (train.steps); raise train.steps to continue", workdir, step

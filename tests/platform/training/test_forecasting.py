@@ -342,3 +342,32 @@ def test_trainer_run_logs_forecast_metrics(data_dir, tmp_path):
   assert {"eval/mse", "eval/mae", "eval/mse_test", "eval/mae_test"} <= evals[0].keys()
   assert all(np.isfinite(evals[0][k]) for k in evals[0])
   assert out["eval/mse_test"] == evals[0]["eval/mse_test"]
+
+
+def test_a_resume_with_narrowed_columns_is_refused_not_moved(data_dir, tmp_path):
+  """Checkpoints that do not fit the data are a refusal: none is renamed `corrupt-*`."""
+  csv = write_csv(tmp_path / "ramp.csv")
+
+  def config(columns, steps):
+    return make_config(
+      data_dir,
+      **{
+        "data.csv_path": str(csv),
+        "data.series": "",
+        "data.columns": columns,
+        "model.input_len": 10,
+        "model.horizon": 5,
+        "train.steps": steps,
+        "train.eval_every": 0,
+        "train.checkpoint_every": 5,
+        "train.batch_size": 8,
+        "train.async_checkpointing": False,
+      },
+    )
+
+  trainer.train(config("a,b", 10), tmp_path / "run")
+  (tmp_path / "run" / "config.json").unlink()
+  with pytest.raises(UserError, match="data pipeline differs.*columns a,b.*columns b"):
+    trainer.train(config("b", 20), tmp_path / "run")
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["10", "5"]
+  assert not (tmp_path / "run" / "config.json").exists()

@@ -17,7 +17,7 @@ import ml_collections
 from fulcrum.platform.errors import UserError
 from fulcrum.platform.training.tasks.base import Batch, Task, cross_entropy
 
-__all__ = ["Batch", "Task", "check_name", "cross_entropy", "get_task", "registry"]
+__all__ = ["Batch", "Task", "check_name", "cross_entropy", "get_task", "registry", "validate"]
 
 
 @functools.cache
@@ -36,6 +36,13 @@ def check_name(name: str) -> None:
   """Raises UserError unless `name` is a task (the config's `task` key)."""
   if name not in registry():
     raise UserError(f"task={name!r} is unknown; choose one of {', '.join(registry())}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError for an unknown task, or a config the task cannot train (`check_config`)."""
+  name = config.get("task", "lm")
+  check_name(name)
+  registry()[name].check_config(config)
 
 
 def get_task(config: ml_collections.ConfigDict) -> Task:

@@ -29,7 +29,14 @@ class Task(abc.ABC):
   name: str = ""
 
   def __init__(self, config: ml_collections.ConfigDict):
+    self.check_config(config)
     self.config = config
+
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Checks what this task needs of the config beyond each section's own checks (e.g. a
+    model vocabulary that holds the data's tokens), without loading data; raises UserError."""
+    del config  # Nothing by default.
 
   @abc.abstractmethod
   def example_inputs(self) -> tuple[Any, ...]:

@@ -7,6 +7,7 @@ import math
 import jax.numpy as jnp
 
 from fulcrum.platform import data as data_lib
+from fulcrum.platform.errors import UserError
 from fulcrum.platform.training.tasks.base import Task, cross_entropy
 
 LN2 = math.log(2.0)
@@ -16,6 +17,16 @@ class LanguageModelling(Task):
   """Next-byte prediction on a text corpus (the built-in stdlib corpus, text files or TFDS)."""
 
   name = "lm"
+
+  @classmethod
+  def check_config(cls, config):
+    vocab = data_lib.ByteTokenizer.vocab_size
+    if config.model.vocab_size < vocab:
+      raise UserError(
+        f"model.vocab_size={config.model.vocab_size} is smaller than the byte tokenizer's "
+        f"{vocab} tokens (larger ids would have no embedding); set model.vocab_size={vocab} "
+        "or more"
+      )
 
   def example_inputs(self):
     return (jnp.zeros((1, min(self.config.train.seq_len, 8)), jnp.int32),)

@@ -37,8 +37,8 @@ class Forecasting(Task):
 
   name = "forecast"
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    super().__init__(config)
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
     m, d = config.model, config.data
     missing = [f"data.{k}" for k in series_lib.DATA_KEYS if k not in d]
     if missing:

@@ -24,6 +24,16 @@ _ARGS = {
 _EVAL_SEED_OFFSET = 1_000_003  # Eval examples never coincide with training ones.
 
 
+def _sizes(d) -> dict[str, int]:
+  """The generator's size arguments from the `data` section."""
+  return {k: int(d[k]) for k in _ARGS[d.generator]}
+
+
+def _sequence_length(generator: str, sizes: dict[str, int]) -> int:
+  """Tokens per sequence of `generator` at these sizes (from one generated example)."""
+  return len(synthetic.GENERATORS[generator](np.random.default_rng(0), **sizes)["inputs"])
+
+
 class SyntheticSequences(Task):
   """A generated sequence task on the LM shell (token inputs, next-token targets, weights)."""
 
@@ -31,19 +41,22 @@ class SyntheticSequences(Task):
 
   def __init__(self, config):
     super().__init__(config)
+    self.generator = config.data.generator
+    self.kwargs = _sizes(config.data)
+    self.seq_len = _sequence_length(self.generator, self.kwargs)
+
+  @classmethod
+  def check_config(cls, config):
     d = config.data
     if d.get("generator") not in _ARGS:
       raise UserError(
         f"data.generator={d.get('generator')!r} is unknown; choose one of {', '.join(_ARGS)}"
       )
-    self.generator = d.generator
-    self.kwargs = {k: int(d[k]) for k in _ARGS[d.generator]}
-    example = synthetic.GENERATORS[self.generator](np.random.default_rng(0), **self.kwargs)
-    self.seq_len = len(example["inputs"])
-    if config.train.seq_len != self.seq_len:
+    seq_len = _sequence_length(d.generator, _sizes(d))
+    if config.train.seq_len != seq_len:
       raise UserError(
-        f"train.seq_len={config.train.seq_len} but {self.generator} sequences of data.length="
-        f"{d.length} have {self.seq_len} tokens; set --set train.seq_len={self.seq_len}"
+        f"train.seq_len={config.train.seq_len} but {d.generator} sequences of data.length="
+        f"{d.length} have {seq_len} tokens; set --set train.seq_len={seq_len}"
       )
     vocab_needed = int(d.vocab) + 2
     if config.model.vocab_size < vocab_needed:
