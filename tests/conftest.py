@@ -44,6 +44,18 @@ def tiny_overrides(corpus: dict[str, str], **extra) -> list[str]:
   return [f"{k}={v}" for k, v in values.items()]
 
 
+def train_recipe(recipe: str, overrides: list[str], path: Path) -> str:
+  """Trains `recipe` with `--set` style overrides into `path` in process; returns the path."""
+  from fulcrum import recipes
+  from fulcrum.platform import config as config_lib
+  from fulcrum.platform.training import trainer
+
+  config = recipes.get(recipe)
+  config_lib.apply_overrides(config, overrides)
+  trainer.train(config, path)
+  return str(path)
+
+
 def run_cli(
   args: list[str], env: dict[str, str] | None = None, timeout: int = 600, cwd: Path = REPO
 ):

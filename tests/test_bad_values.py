@@ -8,12 +8,10 @@ or silent acceptance before these checks (see each group's comment).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, train_recipe
 
 pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
 
@@ -114,22 +112,11 @@ def test_empty_workdir_is_refused(cli, args, tmp_path, monkeypatch):
   assert not list(tmp_path.iterdir())
 
 
-def _train(recipe: str, overrides: list[str], path: Path) -> str:
-  from fulcrum import recipes
-  from fulcrum.platform import config as config_lib
-  from fulcrum.platform.training import trainer
-
-  config = recipes.get(recipe)
-  config_lib.apply_overrides(config, overrides)
-  trainer.train(config, path)
-  return str(path)
-
-
 @pytest.fixture(scope="module")
 def lm(tiny_corpus, tmp_path_factory):
   """A 1-layer, 16-wide byte-level transformer after 2 steps."""
   values = {"train.steps": 2, "model.d_model": 16, "model.num_layers": 1}
-  return _train("demo", tiny_overrides(tiny_corpus, **values), tmp_path_factory.mktemp("lm"))
+  return train_recipe("demo", tiny_overrides(tiny_corpus, **values), tmp_path_factory.mktemp("lm"))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +132,7 @@ def forecaster(tmp_path_factory):
     "train.progress": False,
   }
   overrides = [f"{k}={v}" for k, v in values.items()]
-  return _train("forecast", overrides, tmp_path_factory.mktemp("forecaster"))
+  return train_recipe("forecast", overrides, tmp_path_factory.mktemp("forecaster"))
 
 
 def test_decode_values(cli, lm, forecaster):

@@ -28,7 +28,9 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from fulcrum.platform import config as config_lib
 from fulcrum.platform import sections
@@ -169,8 +171,21 @@ class Lock:
     self._marker = False
 
   def __enter__(self) -> Lock:
+    refused = None
     if jax.process_index() == 0:
-      self._acquire()
+      try:
+        self._acquire()
+      except UserError as e:
+        refused = e
+    if jax.process_count() > 1:  # The other hosts learn it now, rather than hang at the mesh.
+      gathered = multihost_utils.process_allgather(np.array(refused is not None))
+      if refused is None and bool(np.any(gathered)):
+        raise UserError(
+          f"process 0 could not take {self.path}; its error says why (another `fulcrum train`"
+          " may be running in this workdir)"
+        )
+    if refused is not None:
+      raise refused
     return self
 
   def __exit__(self, *exc) -> None:
@@ -251,7 +266,7 @@ def load(workdir: str | epath.PathLike, devices=None) -> tuple[Experiment, Train
   exp = build_experiment(read_config(workdir), devices)
   ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
   try:
-    restored = ckpt.restore_latest(exp.abstract_state)
+    restored = ckpt.restore_latest(exp.abstract_state, read_only=True)
   finally:
     ckpt.close()
   if restored is None:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -59,7 +61,9 @@ class DataSave(ocp.args.CheckpointArgs):
 
 @dataclasses.dataclass
 class DataRestore(ocp.args.CheckpointArgs):
-  pass
+  # Only the checksums are needed (eval, decode): any process's file will do, so a workdir
+  # trained on N hosts can be read from one.
+  any_process: bool = False
 
 
 def _process_file(directory: epath.Path) -> epath.Path:
@@ -83,14 +87,17 @@ class DataHandler(ocp.CheckpointHandler):
     path = _process_file(directory)
     if not path.exists():
       others = sorted(p.name for p in directory.glob("process_*-of-*.json"))
-      if others and not any(n.endswith(f"-of-{jax.process_count()}.json") for n in others):
+      if others and args is not None and args.any_process:
+        path = directory / others[0]
+      elif others and not any(n.endswith(f"-of-{jax.process_count()}.json") for n in others):
         raise UserError(
           f"the checkpoint in {directory.parent} was saved by a run with another number of "
           f"processes ({others[0]}); resume with the original process count"
         )
-      if (directory / "metadata").exists() and not others:  # Saved before this format.
+      elif (directory / "metadata").exists() and not others:  # Saved before this format.
         return {"format": "legacy", "iterator": json.loads((directory / "metadata").read_text())}
-      raise CorruptCheckpoint(f"{path.name} is missing")
+      else:
+        raise CorruptCheckpoint(f"{path.name} is missing")
     try:
       payload = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
@@ -116,6 +123,39 @@ class DataHandler(ocp.CheckpointHandler):
 
 ocp.args.register_with_handler(DataHandler, for_save=True)(DataSave)
 ocp.args.register_with_handler(DataHandler, for_restore=True)(DataRestore)
+
+
+def _brief(error: Exception) -> str:
+  """An orbax/tensorstore error in one short line (without the JSON spec tensorstore appends)."""
+  text = str(error).split(" [tensorstore_spec=")[0].split("See full TensorStore details")[0]
+  text = " ".join(text.split()).rstrip(" .")
+  return f"{type(error).__name__}: {text[:240]}"
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops the leftovers of a failed checkpoint read that Python reports as "unraisable".
+
+  When one read of a checkpoint fails, orbax ends its event loop at once. The reads still in
+  flight then finish on a closed loop ("Event loop is closed" from tensorstore's callbacks), and
+  orbax's read coroutines that failed too are discarded with their exceptions ("Exception
+  ignored in: <coroutine ... _read_array_index_and_device_put>"): each prints a traceback, from
+  dozens to over a thousand lines. The failure itself is reported once (the checkpoint is
+  corrupt), so exactly these are dropped; every other unraisable error reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_fulcrum_quiet", False):
+    return
+
+  def hook(unraisable):
+    error, source = unraisable.exc_value, unraisable.object
+    closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    code = getattr(source, "cr_code", None)
+    orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+    if not (closed_loop or orbax_read):
+      previous(unraisable)
+
+  hook._fulcrum_quiet = True
+  sys.unraisablehook = hook
 
 
 def _on_any_process(flag: bool) -> bool:
@@ -174,7 +214,7 @@ class Checkpointer:
   def _save_failed(self, step: int, error: Exception) -> UserError:
     return UserError(
       f"saving the checkpoint at step {step} in {self.directory} failed "
-      f"({type(error).__name__}: {str(error)[:200]}); training stopped. Fix the cause "
+      f"({_brief(error)}); training stopped. Fix the cause "
       "(disk space, permissions) and rerun the same command to resume"
     )
 
@@ -190,7 +230,9 @@ class Checkpointer:
       raise CorruptCheckpoint("no state metadata")
     return integrity.layout(metadata)
 
-  def _restore(self, reader: ocp.CheckpointManager, step: int, abstract_state: Any) -> Restored:
+  def _restore(
+    self, reader: ocp.CheckpointManager, step: int, abstract_state: Any, any_process: bool
+  ) -> Restored:
     try:
       differences = integrity.layout_differences(
         self._layout(reader, step), integrity.layout(abstract_state)
@@ -198,7 +240,7 @@ class Checkpointer:
     except UserError:
       raise
     except Exception as e:
-      raise CorruptCheckpoint(f"unreadable metadata ({type(e).__name__}: {e})") from None
+      raise CorruptCheckpoint(f"unreadable metadata ({_brief(e)})") from None
     if differences:
       raise UserError(
         f"the checkpoint at step {step} in {self.directory} was saved by a run with other "
@@ -207,12 +249,14 @@ class Checkpointer:
     try:
       restored = reader.restore(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=DataRestore()),
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=DataRestore(any_process)
+        ),
       )
     except (UserError, CorruptCheckpoint):
       raise
     except Exception as e:  # orbax and tensorstore raise many types for unreadable files.
-      raise CorruptCheckpoint(f"{type(e).__name__}: {str(e)[:200]}") from None
+      raise CorruptCheckpoint(_brief(e)) from None
     state, data = restored["state"], restored["data"]
     if data["format"] == "legacy":
       log.warning("checkpoint %d predates checksums; restored without verifying it", step)
@@ -226,21 +270,24 @@ class Checkpointer:
       )
     return Restored(step, state, data["iterator"])
 
-  def restore_latest(self, abstract_state: Any) -> Restored | None:
+  def restore_latest(self, abstract_state: Any, *, read_only: bool = False) -> Restored | None:
     """The newest checkpoint that restores and verifies, or None when there is none.
+
+    `read_only` (eval, decode, calibrate, attribute): the data-iterator state is not resumed,
+    so the checkpoint may come from a run on another number of processes.
 
     A corrupt checkpoint is moved aside (never deleted) and the previous one is tried; one that
     does not fit `abstract_state` is a `UserError` and nothing is moved. Raises `UserError`
     when checkpoints exist but none can be trusted.
     """
-    # A synchronous reader: a failed read in an async manager leaves tensorstore callbacks
-    # behind that print "Event loop is closed" tracebacks by the dozen.
+    # A synchronous reader of its own, so a failed read leaves no save machinery behind.
     reader = self._open(async_save=False)
+    _quiet_closed_loop_callbacks()
     steps = sorted(reader.all_steps())
     try:
       for step in reversed(steps):
         try:
-          restored, why = self._restore(reader, step, abstract_state), None
+          restored, why = self._restore(reader, step, abstract_state, read_only), None
         except CorruptCheckpoint as e:
           restored, why = None, str(e)
         # Hosts agree: one host's corrupt data file makes the checkpoint corrupt for all.
@@ -273,6 +320,6 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:
-      log.error("the checkpoint save in flight failed: %s: %s", type(e).__name__, str(e)[:200])
+      log.error("the checkpoint save in flight failed: %s", _brief(e))
     finally:
       self._manager.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, train_recipe
 
 pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
 
@@ -34,23 +34,12 @@ _SPAN = re.compile(r'<span class="tok"[^>]*>(.*?)</span>', re.DOTALL)
 INPUT_LEN, HORIZON = 24, 4  # The forecaster's window.
 
 
-def _train(recipe: str, overrides: list[str], path: Path) -> str:
-  from fulcrum import recipes
-  from fulcrum.platform import config as config_lib
-  from fulcrum.platform.training import trainer
-
-  config = recipes.get(recipe)
-  config_lib.apply_overrides(config, overrides)
-  trainer.train(config, path)
-  return str(path)
-
-
 @pytest.fixture(scope="module")
 def lm_workdir(tiny_corpus, tmp_path_factory):
   """A 1-layer, 16-wide byte-level transformer (unscanned: blocks_0) after 2 steps."""
   values = {"train.steps": 2, "model.d_model": 16, "model.num_layers": 1}
   overrides = tiny_overrides(tiny_corpus, **values)
-  return _train("demo", overrides, tmp_path_factory.mktemp("attribute_lm"))
+  return train_recipe("demo", overrides, tmp_path_factory.mktemp("attribute_lm"))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +56,7 @@ def forecast_workdir(tmp_path_factory):
     "train.async_checkpointing": False,
   }
   overrides = [f"{k}={v}" for k, v in values.items()]
-  return _train("forecast", overrides, tmp_path_factory.mktemp("attribute_forecast"))
+  return train_recipe("forecast", overrides, tmp_path_factory.mktemp("attribute_forecast"))
 
 
 def run_json(cli, *args) -> dict:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -159,6 +160,48 @@ def test_a_bit_flip_in_checkpoint_data_is_caught(run_copy):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
+@pytest.mark.parametrize("damage", ["truncated", "arrays deleted"])
+def test_resuming_past_a_damaged_checkpoint_is_quiet(run_copy, tiny_corpus, damage):
+  """Before: up to 1,233 lines of "Event loop is closed" tracebacks (arrays deleted)."""
+  state = run_copy / "checkpoints" / "20" / "state"
+  if damage == "truncated":
+    target = _largest_array_file(run_copy / "checkpoints" / "20")
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+  else:
+    for path in (state / "d").iterdir():
+      path.unlink()
+  result = run_cli(cli_args(run_copy, tiny_corpus, **{"train.steps": 22}), env=UNOPTIMISED_ENV)
+  assert result.returncode == 0, result.stderr
+  assert "checkpoint 20 is corrupt" in result.stderr
+  for noise in ("Traceback", "Exception ignored", "Event loop is closed", "tensorstore_spec"):
+    assert noise not in result.stderr, result.stderr
+  assert list((run_copy / "checkpoints").glob("corrupt-20-*"))
+
+
+def test_only_the_leftovers_of_a_failed_read_are_silenced(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+  checkpoint_lib._quiet_closed_loop_callbacks()
+  checkpoint_lib._quiet_closed_loop_callbacks()  # Idempotent: one filter, not a chain.
+
+  async def ours():
+    pass
+
+  orbax_code = ours.__code__.replace(co_filename="/site-packages/orbax/checkpoint/x.py")
+  orbax_read = types.FunctionType(orbax_code, {})()
+  mine = ours()
+  for error, source in [
+    (RuntimeError("Event loop is closed"), None),
+    (Exception("read failed"), orbax_read),
+    (RuntimeError("other"), None),
+    (ValueError("x"), mine),
+  ]:
+    sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error, object=source))
+  orbax_read.close()
+  mine.close()
+  assert seen == ["other", "x"]
+
+
 @pytest.mark.parametrize("iterator", [None, {}], ids=["null", "empty"])
 def test_an_empty_data_iterator_state_is_corrupt(run_copy, iterator):
   path = run_copy / "checkpoints" / "20" / "data" / "process_0-of-1.json"
@@ -174,6 +217,21 @@ def test_an_edited_data_iterator_state_fails_its_checksum(run_copy):
   payload["iterator"]["injected"] = 1
   path.write_text(json.dumps(payload))
   assert workdir_lib.load(run_copy)[2] == 10
+
+
+def test_a_workdir_of_another_process_count_reads_but_does_not_resume(run_copy, tiny_corpus):
+  """As if trained on 2 hosts: eval and decode read it from one; a resume needs 2 processes."""
+  for step in ("10", "20"):
+    data = run_copy / "checkpoints" / step / "data"
+    saved = (data / "process_0-of-1.json").read_text()
+    (data / "process_0-of-1.json").unlink()
+    for i in range(2):
+      (data / f"process_{i}-of-2.json").write_text(saved)
+  assert workdir_lib.load(run_copy)[2] == 20
+  before = snapshot(run_copy)
+  with pytest.raises(UserError, match="another number of processes .*process_0-of-2.json"):
+    train_lib.train(tiny_config(tiny_corpus, **{"train.steps": 30}), run_copy)
+  assert snapshot(run_copy) == before
 
 
 # --- non-finite parameters are never saved ----------------------------------------------------
