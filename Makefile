@@ -22,9 +22,8 @@ $(STAMP): pyproject.toml
 # The fastest-learning small LM (recipe lm_quick), then a sampled continuation of $(PROMPT).
 demo: setup
 	$(BIN)/fulcrum train --recipe lm_quick --workdir runs/lm_quick $(ARGS)
-	@echo "--- sample continuation (nucleus sampling: temperature 0.7, top-p 0.9, seed 0; 110 bytes stay in the 128-byte training context) ---"
-	$(BIN)/fulcrum decode --workdir runs/lm_quick --prompt '$(PROMPT)' --strategy sample \
-	  --temperature 0.7 --top-p 0.9 --max-new-tokens 110
+	@echo "--- sample continuation (lm_quick's decode defaults: nucleus sampling, seed 0; 110 bytes stay in the 128-byte training context) ---"
+	$(BIN)/fulcrum decode --workdir runs/lm_quick --prompt '$(PROMPT)' --max-new-tokens 110
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --durations=15

@@ -45,3 +45,13 @@ def test_recipes_are_locked():
   config = recipes.get("demo")
   with pytest.raises(AttributeError):
     config.model.not_a_key = 1
+
+
+def test_make_demo_run_samples_with_no_flags():
+  """`fulcrum decode` on the `make demo` run (recipe lm_quick) samples with nucleus sampling by
+  default: greedy decoding of a model that small repeats one line."""
+  from fulcrum.platform.decode import Sample, strategies
+
+  value, sampling = strategies.from_config(recipes.get("lm_quick").decode)
+  assert isinstance(value, Sample)
+  assert not sampling.greedy and sampling.top_p < 1
