@@ -56,6 +56,22 @@ def train_recipe(recipe: str, overrides: list[str], path: Path) -> str:
   return str(path)
 
 
+def hold_workdir_lock(workdir: Path):
+  """A process holding `workdir`'s train.lock (as a running `fulcrum train` would) until killed."""
+  import subprocess
+  import sys
+
+  script = (
+    "import sys, time\nfrom fulcrum.platform import workdir as w\n"
+    "with w.Lock(w.resolve(sys.argv[1])):\n  print('locked', flush=True)\n  time.sleep(600)\n"
+  )
+  holder = subprocess.Popen(
+    [sys.executable, "-c", script, str(workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True
+  )
+  assert holder.stdout.readline().strip() == "locked"
+  return holder
+
+
 def run_cli(
   args: list[str], env: dict[str, str] | None = None, timeout: int = 600, cwd: Path = REPO
 ):

@@ -24,7 +24,7 @@ from fulcrum.platform import workdir as workdir_lib
 from fulcrum.platform.errors import UserError
 from fulcrum.platform.training import checkpoint as checkpoint_lib
 from fulcrum.platform.training import trainer as train_lib
-from tests.conftest import REPO, UNOPTIMISED_ENV, run_cli, tiny_overrides
+from tests.conftest import REPO, UNOPTIMISED_ENV, hold_workdir_lock, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
 
@@ -79,21 +79,10 @@ def run_copy(trained, tmp_path):
 
 # --- one writer per workdir -------------------------------------------------------------------
 
-HOLD_LOCK = """
-import sys, time
-from fulcrum.platform import workdir as w
-with w.Lock(w.resolve(sys.argv[1])):
-  print("locked", flush=True)
-  time.sleep(600)
-"""
-
 
 def test_a_second_train_on_a_locked_workdir_is_refused(tiny_corpus, tmp_path):
-  holder = subprocess.Popen(
-    [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True
-  )
+  holder = hold_workdir_lock(tmp_path)
   try:
-    assert holder.stdout.readline().strip() == "locked"
     result = run_cli(cli_args(tmp_path, tiny_corpus), env=UNOPTIMISED_ENV)
     one_line_error(result, "in use by another `fulcrum train`")
     assert f"pid {holder.pid}" in result.stderr

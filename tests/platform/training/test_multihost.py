@@ -24,7 +24,7 @@ import pytest
 from fulcrum.platform.data import text_corpus
 from fulcrum.platform.errors import UserError
 from fulcrum.platform.training import sharding
-from tests.conftest import REPO, UNOPTIMISED_ENV, run_cli, tiny_overrides
+from tests.conftest import REPO, UNOPTIMISED_ENV, hold_workdir_lock, run_cli, tiny_overrides
 
 EXPLICIT = {
   "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
@@ -385,25 +385,12 @@ def test_two_hosts_resume_exactly_after_kill_and_sigterm(prepared_corpus, tmp_pa
   assert rows_b[-2]["loss"] == rows_a[-2]["loss"] or stopped_at > STEPS - EVERY
 
 
-HOLD_LOCK = """
-import sys, time
-from fulcrum.platform import workdir as w
-with w.Lock(w.resolve(sys.argv[1])):
-  print("locked", flush=True)
-  time.sleep(600)
-"""
-
-
 def test_two_hosts_refused_by_a_held_lock_both_exit_2(prepared_corpus, tmp_path, started):
   """Process 0 takes the lock for the run; when another run holds it, both hosts stop with one
   line (before: process 1 waited at the mesh until JAX's heartbeat timeout, then a C++ abort)."""
   run = TwoHosts(tmp_path / "run", prepared_corpus, started)
   run.workdir.mkdir()
-  holder = subprocess.Popen(
-    [sys.executable, "-c", HOLD_LOCK, str(run.workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True
-  )
-  started.append(holder)
-  assert holder.stdout.readline().strip() == "locked"
+  started.append(hold_workdir_lock(run.workdir))
   procs = run.start()
   for i, proc in enumerate(procs):
     try:
