@@ -7,9 +7,9 @@ RECIPE ?= lm_transformer
 WORKDIR ?= runs/$(RECIPE)
 ARGS ?=
 PROMPT ?= def __init__(self
-BENCH ?= train scan scaling decode_latency optim decode attribution  # BENCH=scan: just one
+BENCH ?= train scan scaling decode_latency optim decode attribution spin  # BENCH=scan: just one
 
-.PHONY: setup demo test train eval decode calibrate speculative kvquant attribute bench notebooks lint format clean
+.PHONY: setup demo test train eval decode calibrate speculative kvquant attribute spin bench notebooks lint format clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,12 @@ METHOD ?= integrated_gradients
 attribute: setup
 	$(BIN)/fulcrum train --recipe demo --workdir runs/demo
 	$(BIN)/fulcrum attribute --workdir runs/demo --input '$(PROMPT)' --method $(METHOD) $(ARGS)
+
+# Self-play fine-tuning: the instruct_sft model, then 3 SPIN iterations; prints the per-iteration
+# table (held-out exact match, reward accuracy, log-probs of gold and generated answers).
+spin: setup
+	$(BIN)/fulcrum train --recipe instruct_sft --workdir runs/instruct_sft $(ARGS)
+	$(BIN)/fulcrum train --recipe spin --workdir runs/spin --set spin.init_from=runs/instruct_sft
 
 bench: setup
 	for b in $(BENCH); do $(BIN)/fulcrum bench $$b --json || exit $$?; done

@@ -80,19 +80,22 @@ def _resolved_config(args):
 
 def _cmd_config(args) -> int:
   from fulcrum.platform import config as config_lib
+  from fulcrum.platform.launch import resolved_config
 
-  print(config_lib.to_json(_resolved_config(args)))
+  print(config_lib.to_json(resolved_config(_resolved_config(args))))
   return 0
 
 
 def _cmd_train(args) -> int:
   from etils import epath
 
+  from fulcrum.platform.launch import train
   from fulcrum.platform.training.experiment import eval_summary
   from fulcrum.platform.training.metrics import tensorboard_command
-  from fulcrum.platform.training.trainer import train
 
   result = train(_resolved_config(args), args.workdir)
+  if "table" in result:  # SPIN: one row per self-play iteration.
+    print(result["table"])
   workdir = epath.Path(result["workdir"])  # pathlib would turn gs://b/run into gs:/b/run
   summary = eval_summary(result)
   if summary:

@@ -19,7 +19,7 @@ def test_names_and_descriptions():
 
 
 @pytest.mark.parametrize("name", recipes.names())
-def test_recipe_builds_and_runs_a_step(name, tiny_corpus):
+def test_recipe_builds_and_runs_a_step(name, tiny_corpus, tmp_path):
   config = recipes.get(name)
   sections.validate(config)
   # Real model sizes, a small batch (and short text sequences): the recipe must build and
@@ -31,6 +31,10 @@ def test_recipe_builds_and_runs_a_step(name, tiny_corpus):
       f"data.data_dir={tiny_corpus['data_dir']}",
       "train.seq_len=16",
     ]
+  if config.task in ("instruct", "spin"):
+    overrides += [f"data.data_dir={tiny_corpus['data_dir']}", "data.instruct_train_size=200"]
+  if config.task == "spin":  # An iteration's run, on pairs as the driver stores them.
+    overrides.append(f"spin.pairs={_random_pairs(config, tmp_path)}")
   config_lib.apply_overrides(config, overrides)
   exp = trainer.build_experiment(config)
   state = exp.init_state()
@@ -39,6 +43,25 @@ def test_recipe_builds_and_runs_a_step(name, tiny_corpus):
   with exp.activate():
     state, metrics = step(state, trainer.global_batch(exp, batch))
   assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+def _random_pairs(config, tmp_path) -> str:
+  from fulcrum.platform.selfplay import pairs
+
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for side in pairs.SIDES:
+    rows = [
+      pairs.encode_row(rng.integers(1, 256, 12), rng.integers(1, 256, 8), config.train.seq_len)
+      for _ in range(4)
+    ]
+    arrays.update(
+      {f"{side}_{k}": np.stack([r[i] for r in rows]) for i, k in enumerate(pairs.ROW_KEYS)}
+    )
+    arrays[f"opponent_{side}"] = rng.normal(-30, 5, 4).astype(np.float32)
+  path = tmp_path / "pairs.npz"
+  pairs.save(path, arrays, {"iteration": 0, "new_pairs": 4})
+  return str(path)
 
 
 def test_recipes_are_locked():

@@ -90,7 +90,7 @@ from fulcrum.platform.attribution import (
   randomisation_check,
 )
 from fulcrum.platform.attribution.faithfulness import curves
-from fulcrum.platform.data import ByteTokenizer
+from fulcrum.platform.data import tokenizer as tokenizer_lib
 from fulcrum.platform.training import trainer
 
 RUNS = checkout_root() / "runs" / "bench_attribution"
@@ -447,7 +447,9 @@ def run(quick: bool = False) -> dict:
       "value": metrics.get(metric),
       "layer": _layer_name(exp) if arch in LMS else None,
       "targets": [  # The explained next byte of each sequence.
-        ByteTokenizer().decode([Subject(exp.model, state.params, x).target.token])
+        tokenizer_lib.get_tokenizer(exp.config.data.tokenizer).decode(
+          [Subject(exp.model, state.params, x).target.token]
+        )
         for x in sequences
       ]
       if arch in LMS

@@ -28,7 +28,7 @@ import time
 
 import jax
 
-from fulcrum.benchmarks.common import device_description, results_dir, write_results
+from fulcrum.benchmarks.common import device_description, peak_bytes, results_dir, write_results
 from fulcrum.platform import config as config_lib
 from fulcrum.platform import sections
 from fulcrum.platform.optim import factory, state_bytes
@@ -86,19 +86,6 @@ def _config(name: str, quick: bool):
   return c
 
 
-def _peak_bytes(compiled) -> int | None:
-  mem = compiled.memory_analysis()
-  if mem is None:
-    return None
-  total = (
-    mem.argument_size_in_bytes
-    + mem.output_size_in_bytes
-    + mem.temp_size_in_bytes
-    - mem.alias_size_in_bytes
-  )
-  return int(total)
-
-
 class _Run:
   """One optimizer's experiment, compiled ahead of time, stepping through the shared data."""
 
@@ -111,7 +98,7 @@ class _Run:
     batch = trainer.global_batch(self.exp, next(iter([self._next()])))
     with self.exp.activate():
       self.step = trainer.jit_train_step(self.exp).lower(self.state, batch).compile()
-    self.peak = _peak_bytes(self.step)
+    self.peak = peak_bytes(self.step)
     self.state, _ = self.step(self.state, batch)  # Step 0 (a GaLore refresh), untimed.
     self.steps_done, self.seconds, self.losses = 1, 0.0, []
 

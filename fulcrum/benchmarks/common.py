@@ -69,6 +69,21 @@ def matmul_flops_per_s(n: int = 1024, repeats: int = 10) -> float:
   return 2 * n**3 / seconds
 
 
+def peak_bytes(compiled) -> int | None:
+  """A compiled program's peak device memory: arguments + outputs + temporaries − donated
+  (aliased) buffers, from XLA's `memory_analysis()` (None where the backend gives none)."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  total = (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    + mem.temp_size_in_bytes
+    - mem.alias_size_in_bytes
+  )
+  return int(total)
+
+
 def write_results(name: str, result: dict, markdown: str) -> dict:
   """Writes results/NAME.json and results/NAME.md; returns the result with the markdown."""
   out = results_dir()

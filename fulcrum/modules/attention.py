@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from fulcrum.modules.layers import (
   HEADS,
   KV_HEADS,
   LENGTH,
+  LoRA,
   dense,
   rope,
   tap,
@@ -307,8 +308,11 @@ class Attention(nn.Module):
   impl: AttentionImpl = AttentionImpl.AUTO
   use_bias: bool = False
   out_bias: bool = False
+  lora: LoRA = LoRA()
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  # Its weight matmuls (the `Dense` names), which `model.lora_targets` may name.
+  DENSE: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o")
 
   @classmethod
   def check_config(cls, c: ModelConfig, num_kv_heads: int) -> None:
@@ -377,6 +381,7 @@ class Attention(nn.Module):
       rope_fraction=c.rope_fraction,
       out_bias=c.attn_out_bias,
       impl=AttentionImpl(c.attention_impl),
+      lora=LoRA.from_config(c),
       dtype=c.compute_dtype,
       param_dtype=jnp.float32,
       name=name,
@@ -389,7 +394,9 @@ class Attention(nn.Module):
     positions: Int[Array, "b t"] | None = None,
     cache: KVCache | None = None,
   ) -> tuple[Float[Array, "b t d"], KVCache | None]:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
+    kw = dict(
+      dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias, lora=self.lora
+    )
     h, k_heads, e = self.num_heads, self.num_kv_heads, self.head_dim
     d = self.d_model
     q = dense(d, (h, e), (EMBED, HEADS, HEAD_DIM), "q", **kw)(x)

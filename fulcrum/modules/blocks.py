@@ -20,6 +20,7 @@ import jax
 from flax import linen as nn
 
 from fulcrum.modules.griffin import GRIFFIN_PATTERN, RecurrentResidualBlock
+from fulcrum.modules.layers import check_lora
 from fulcrum.modules.mamba import MambaBlock
 from fulcrum.modules.model_config import ModelConfig
 from fulcrum.modules.transformer import TransformerBlock
@@ -45,13 +46,19 @@ def block_pattern(arch: str) -> tuple[type[nn.Module], ...]:
   return blocks if isinstance(blocks, tuple) else (blocks,)
 
 
+def dense_names(arch: str) -> tuple[str, ...]:
+  """The weight matmuls (`Dense` names) of `arch`'s blocks: what `model.lora_targets` names."""
+  return tuple(dict.fromkeys(n for block in block_pattern(arch) for n in block.dense_names))
+
+
 def validate(config: ModelConfig) -> None:
   """Raises ValueError for an unknown arch, a layer stack `nn.scan` cannot stack, or a value
   one of the arch's blocks refuses (each block class checks the keys it reads in its
-  `check_config`)."""
+  `check_config`; LoRA targets must be among the blocks' `dense_names`)."""
   pattern = block_pattern(config.arch)
   for block in dict.fromkeys(pattern):
     block.check_config(config)
+  check_lora(config, dense_names(config.arch))
   period = len(pattern)
   if config.scan_layers and config.num_layers % period:
     raise ValueError(

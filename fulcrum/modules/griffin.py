@@ -41,6 +41,7 @@ from fulcrum.modules.layers import (
   MLP,
   CausalConv1D,
   GatedMLP,
+  LoRA,
   RMSNorm,
   dense,
   tap,
@@ -225,8 +226,11 @@ class RecurrentBlock(nn.Module):
   conv_width: int = 4
   scan_impl: str = "auto"
   history: bool = False  # Return the cache after every token ([b, t, ...]), for speculation.
+  lora: LoRA = LoRA()
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  # Its weight matmuls (the `Dense` names), which `model.lora_targets` may name.
+  DENSE: ClassVar[tuple[str, ...]] = ("linear_x", "linear_y", "linear_out")
 
   @nn.compact
   def __call__(
@@ -239,9 +243,9 @@ class RecurrentBlock(nn.Module):
     d, f = self.d_model, self.width
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    y = dense(d, f, (EMBED, MLP), "linear_y", use_bias=True, **kw)(x)
+    y = dense(d, f, (EMBED, MLP), "linear_y", use_bias=True, lora=self.lora, **kw)(x)
     y = jax.nn.gelu(y, approximate=True)
-    xs = dense(d, f, (EMBED, MLP), "linear_x", use_bias=True, **kw)(x)
+    xs = dense(d, f, (EMBED, MLP), "linear_x", use_bias=True, lora=self.lora, **kw)(x)
     conv = CausalConv1D(
       f,
       self.conv_width,
@@ -265,7 +269,7 @@ class RecurrentBlock(nn.Module):
     )
     xs, h_last = rg_lru(xs, positions, None if cache is None else cache.rg_lru)
     h = nn.with_logical_constraint(xs * y, (BATCH, LENGTH, MLP))
-    out = dense(f, d, (MLP, EMBED), "linear_out", use_bias=True, **kw)(h)
+    out = dense(f, d, (MLP, EMBED), "linear_out", use_bias=True, lora=self.lora, **kw)(h)
     if cache is None:
       return out, None
     return out, RecurrentCache(h_last, conv_state.astype(cache.conv.dtype))
@@ -289,6 +293,8 @@ class ResidualBlock(nn.Module):
   # The token mixer: its kind and submodule path (`fulcrum.modules.blocks.layer_paths`).
   mixer: ClassVar[str] = "rg_lru"
   mixer_path: ClassVar[tuple[str, ...]] = ("recurrent_block", "rg_lru")
+  # Its weight matmuls (`Dense` names), which `model.lora_targets` may name.
+  dense_names: ClassVar[tuple[str, ...]] = RecurrentBlock.DENSE + GatedMLP.DENSE
 
   @classmethod
   def check_config(cls, c: ModelConfig) -> None:
@@ -324,6 +330,7 @@ class ResidualBlock(nn.Module):
         conv_width=c.conv_width,
         scan_impl=c.scan_impl,
         history=c.cache_history,
+        lora=LoRA.from_config(c),
         name="recurrent_block",
         **kw,
       )(h, positions, cache)
@@ -333,7 +340,13 @@ class ResidualBlock(nn.Module):
     x = nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED))
     h = RMSNorm(c.norm_eps, scale_offset=1.0, name="channel_pre_norm", **kw)(x)
     h = GatedMLP(
-      c.d_model, c.mlp_dim or 3 * c.d_model, "gelu", use_bias=True, name="mlp_block", **kw
+      c.d_model,
+      c.mlp_dim or 3 * c.d_model,
+      "gelu",
+      use_bias=True,
+      lora=LoRA.from_config(c),
+      name="mlp_block",
+      **kw,
     )(h)
     x = tap(self, "output", x + h)  # The residual stream after the block, for attribution.
     return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), cache
@@ -360,6 +373,7 @@ class AttentionResidualBlock(ResidualBlock):
   temporal: ClassVar[str] = ATTENTION
   mixer: ClassVar[str] = "attention"
   mixer_path: ClassVar[tuple[str, ...]] = ("attention_block",)
+  dense_names: ClassVar[tuple[str, ...]] = Attention.DENSE + GatedMLP.DENSE
 
 
 # Griffin's layer i is GRIFFIN_PATTERN[i % 3]: (recurrent, recurrent, attention), repeated.

@@ -1,5 +1,6 @@
-"""Shared layers: RMSNorm, embeddings, rotary position embeddings, the gated MLP and the causal
-depthwise convolution of the recurrent blocks.
+"""Shared layers: RMSNorm, embeddings, rotary position embeddings, the linear map `Dense` (with
+optional LoRA adapters), the gated MLP and the causal depthwise convolution of the recurrent
+blocks.
 
 Shape vocabulary (used in annotations and einsum strings across `fulcrum.modules`):
   b batch, t time (queries), s time (keys), d model width, h heads, k key/value heads,
@@ -9,10 +10,20 @@ Shape vocabulary (used in annotations and einsum strings across `fulcrum.modules
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import string
+from typing import TYPE_CHECKING, ClassVar
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jaxtyping import Array, Bool, Float, Int
+
+from fulcrum.modules.model_config import require
+
+if TYPE_CHECKING:
+  from fulcrum.modules.model_config import ModelConfig
 
 Dtype = jnp.dtype
 
@@ -108,6 +119,74 @@ def rope(x: Float[Array, "b t h e"], positions: Int[Array, "b t"], theta: float)
   return out.astype(x.dtype)
 
 
+# `model.lora_targets` value that adapts every weight matmul of the architecture.
+ALL_TARGETS = "all"
+# The names of an adapted `Dense`'s adapter params, beside its "kernel".
+LORA_A, LORA_B = "lora_a", "lora_b"
+
+
+def parse_targets(targets: str) -> tuple[str, ...]:
+  """`model.lora_targets` ("q,v", "all", ...) as a tuple of names, in order, without repeats."""
+  return tuple(dict.fromkeys(t.strip() for t in targets.split(",") if t.strip()))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+  """Low-rank adaptation (Hu et al. 2021, eq. 3) of the `Dense` layers named in `targets`.
+
+  An adapted layer computes y = x W + (alpha / rank) · (x A) B with A [in..., r] random and
+  B [r, out...] zeros, so a model with adapters starts out equal to its base model.
+
+  Attributes:
+    rank: r, the adapters' rank; 0 switches LoRA off.
+    alpha: the adapters' output is scaled by alpha / rank.
+    targets: names of the `Dense` layers to adapt ("q", "up", "in_proj", ...), or
+      `ALL_TARGETS` for every `Dense` that is given this value.
+  """
+
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ()
+
+  @classmethod
+  def from_config(cls, c: ModelConfig) -> LoRA:
+    """The adapters `model.lora_rank`, `model.lora_alpha` and `model.lora_targets` describe."""
+    return cls(c.lora_rank, c.lora_alpha, parse_targets(c.lora_targets))
+
+  def adapts(self, name: str | None) -> bool:
+    return self.rank > 0 and (name in self.targets or ALL_TARGETS in self.targets)
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+def check_lora(c: ModelConfig, names: tuple[str, ...]) -> None:
+  """Checks the `model.lora_*` keys against `names`, the weight matmuls (`Dense` names) that
+  `c.arch` has; raises ValueError naming the fix. Targets are checked only with LoRA on (the
+  default targets need not exist in every architecture when they are unused)."""
+  require(c.lora_rank >= 0, f"model.lora_rank must be >= 0 (0: off), got {c.lora_rank}")
+  if not c.lora_rank:
+    return
+  require(
+    bool(names),
+    f"model.arch={c.arch} has no weight matmuls LoRA can adapt; set model.lora_rank=0",
+  )
+  require(
+    math.isfinite(c.lora_alpha) and c.lora_alpha > 0,
+    f"model.lora_alpha must be a positive number (the scale is alpha / rank), got {c.lora_alpha}",
+  )
+  targets = parse_targets(c.lora_targets)
+  options = (*names, ALL_TARGETS)
+  unknown = [t for t in targets if t not in options]
+  require(
+    bool(targets) and not unknown,
+    f"model.lora_targets={c.lora_targets!r} names no weight matmul of {c.arch}"
+    f"{' (' + ', '.join(unknown) + ')' if unknown else ''}; give a comma-separated list of "
+    f"{', '.join(options)}",
+  )
+
+
 class Dense(nn.Module):
   """A linear map contracting x's trailing `len(in_shape)` axes with a kernel.
 
@@ -115,6 +194,8 @@ class Dense(nn.Module):
   initialised LeCun-normal with fan-in = prod(in_shape). (Flax's DenseGeneral initialises a
   flattened kernel, which clashes with multi-axis logical partitioning under a mesh.)
   `kernel_init` / `bias_init` override the initialisers (e.g. Mamba's dt projection).
+  When `lora` adapts this layer's name, it adds the adapters `lora_a` [in..., r] (axes: the
+  input axes, then none) and `lora_b` [r, out...] (none, then the output axes); see `LoRA`.
   """
 
   in_shape: tuple[int, ...]
@@ -125,17 +206,12 @@ class Dense(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: nn.initializers.Initializer | None = None  # None: LeCun truncated normal.
   bias_init: nn.initializers.Initializer | None = None  # None: zeros.
+  lora: LoRA = LoRA()  # Low-rank adapters, if `lora` names this layer.
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     n_in, n_out = len(self.in_shape), len(self.out_shape)
-    init = self.kernel_init or nn.initializers.variance_scaling(
-      1.0,
-      "fan_in",
-      "truncated_normal",
-      in_axis=tuple(range(n_in)),
-      out_axis=tuple(range(n_in, n_in + n_out)),
-    )
+    init = self.kernel_init or _lecun(n_in, n_out)
     kernel = self.param(
       "kernel",
       nn.with_logical_partitioning(init, self.axes),
@@ -155,7 +231,46 @@ class Dense(nn.Module):
         self.param_dtype,
       )
       y = y + bias.astype(self.dtype)
+    if self.lora.adapts(self.name):
+      y = y + self._adapter(x)
     return y
+
+  def _adapter(self, x: Array) -> Array:
+    """(alpha / r) · (x A) B in the compute dtype, with A and B created on first use."""
+    n_in, r = len(self.in_shape), self.lora.rank
+    a = self.param(
+      LORA_A,
+      nn.with_logical_partitioning(_lecun(n_in, 1), (*self.axes[:n_in], None)),
+      (*self.in_shape, r),
+      self.param_dtype,
+    )
+    b = self.param(
+      LORA_B,
+      nn.with_logical_partitioning(nn.initializers.zeros, (None, *self.axes[n_in:])),
+      (r, *self.out_shape),
+      self.param_dtype,
+    )
+    ins, outs = _LETTERS[:n_in], _LETTERS[n_in : n_in + len(self.out_shape)]
+    # einsum, not lax.dot_general: quantized training (`quant.py`) fake-quantizes the
+    # dot_generals with a weight, which should be the base kernel only (QLoRA keeps the
+    # adapters in full precision).
+    xa = jnp.einsum(f"...{ins},{ins}r->...r", x.astype(self.dtype), a.astype(self.dtype))
+    xa = xa * jnp.asarray(self.lora.scale, self.dtype)
+    return jnp.einsum(f"...r,r{outs}->...{outs}", xa, b.astype(self.dtype))
+
+
+_LETTERS = string.ascii_lowercase.replace("r", "")  # einsum axis names; "r" is the rank.
+
+
+def _lecun(n_in: int, n_out: int) -> nn.initializers.Initializer:
+  """LeCun truncated normal for a kernel whose first `n_in` axes are its inputs."""
+  return nn.initializers.variance_scaling(
+    1.0,
+    "fan_in",
+    "truncated_normal",
+    in_axis=tuple(range(n_in)),
+    out_axis=tuple(range(n_in, n_in + n_out)),
+  )
 
 
 def dense(
@@ -182,10 +297,15 @@ class GatedMLP(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   use_bias: bool = False  # RecurrentGemma's MLP has biases; Llama's has none.
+  lora: LoRA = LoRA()
+  # Its weight matmuls (the `Dense` names), which `model.lora_targets` may name.
+  DENSE: ClassVar[tuple[str, ...]] = ("gate", "up", "down")
 
   @nn.compact
   def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
+    kw = dict(
+      dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias, lora=self.lora
+    )
     d, f = self.d_model, self.hidden_dim
     gate = dense(d, f, (EMBED, MLP), "gate", **kw)(x)
     up = dense(d, f, (EMBED, MLP), "up", **kw)(x)

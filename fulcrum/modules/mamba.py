@@ -32,7 +32,17 @@ from flax import linen as nn
 from jaxtyping import Array, Float, Int
 
 from fulcrum.modules import scan
-from fulcrum.modules.layers import BATCH, EMBED, LENGTH, MLP, CausalConv1D, RMSNorm, dense, tap
+from fulcrum.modules.layers import (
+  BATCH,
+  EMBED,
+  LENGTH,
+  MLP,
+  CausalConv1D,
+  LoRA,
+  RMSNorm,
+  dense,
+  tap,
+)
 from fulcrum.modules.model_config import ModelConfig, require_sizes
 
 
@@ -144,8 +154,11 @@ class MambaMixer(nn.Module):
   selective: bool = True
   scan_impl: str = "auto"
   history: bool = False  # Return the cache after every token ([b, t, ...]), for speculation.
+  lora: LoRA = LoRA()
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  # Its weight matmuls (the `Dense` names), which `model.lora_targets` may name.
+  DENSE: ClassVar[tuple[str, ...]] = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
   @property
   def features(self) -> int:
@@ -165,11 +178,12 @@ class MambaMixer(nn.Module):
     zeroed, so exp(dt A) = 1 and dt B x = 0.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dense_kw = dict(kw, lora=self.lora)
     d, f, n = self.d_model, self.features, self.state_size
     r = self.dt_rank or math.ceil(d / 16)
     b, t, _ = x.shape
 
-    xz = dense(d, (2, f), (EMBED, None, MLP), "in_proj", **kw)(x)
+    xz = dense(d, (2, f), (EMBED, None, MLP), "in_proj", **dense_kw)(x)
     xs, z = xz[..., 0, :], xz[..., 1, :]
     pad = None
     if cache is not None and positions is not None:
@@ -183,7 +197,7 @@ class MambaMixer(nn.Module):
     xs = nn.with_logical_constraint(nn.silu(xs), (BATCH, LENGTH, MLP))
 
     if self.selective:
-      dbc = dense(f, r + 2 * n, (MLP, None), "x_proj", **kw)(xs)
+      dbc = dense(f, r + 2 * n, (MLP, None), "x_proj", **dense_kw)(xs)
       dt_low, B, C = jnp.split(dbc, [r, r + n], axis=-1)
       # dt in float32 (as the official kernels add the bias in fp32): the bias is ~ -7..-2.
       dt_proj = dense(
@@ -196,6 +210,7 @@ class MambaMixer(nn.Module):
         bias_init=dt_bias_init(),
         dtype=jnp.float32,
         param_dtype=self.param_dtype,
+        lora=self.lora,
       )
       dt = jax.nn.softplus(dt_proj(dt_low.astype(jnp.float32)))
     else:
@@ -237,7 +252,7 @@ class MambaMixer(nn.Module):
       y, h_last = scan.selective_scan(xs, dt, A, B, C, D, h0, impl=self.scan_impl)
     gate = tap(self, "gate", nn.silu(z))
     y = nn.with_logical_constraint(y.astype(self.dtype) * gate, (BATCH, LENGTH, MLP))
-    out = dense(f, d, (MLP, EMBED), "out_proj", **kw)(y)
+    out = dense(f, d, (MLP, EMBED), "out_proj", **dense_kw)(y)
     new_cache = None if cache is None else MambaCache(conv_state.astype(cache.conv.dtype), h_last)
     return out, new_cache
 
@@ -253,6 +268,8 @@ class MambaBlock(nn.Module):
   # The token mixer: its kind and submodule path (`fulcrum.modules.blocks.layer_paths`).
   mixer: ClassVar[str] = "mamba"
   mixer_path: ClassVar[tuple[str, ...]] = ("mixer",)
+  # Its weight matmuls (`Dense` names), which `model.lora_targets` may name.
+  dense_names: ClassVar[tuple[str, ...]] = MambaMixer.DENSE
 
   @classmethod
   def check_config(cls, c: ModelConfig) -> None:
@@ -279,6 +296,7 @@ class MambaBlock(nn.Module):
       selective=c.selective,
       scan_impl=c.scan_impl,
       history=c.cache_history,
+      lora=LoRA.from_config(c),
       name="mixer",
       **kw,
     )(h, cache, positions)

@@ -65,6 +65,14 @@ class ModelConfig:
   # the decoder at run time, so not a config key (`RUNTIME` metadata).
   cache_history: bool = dataclasses.field(default=False, metadata={RUNTIME: True})
   quant: str = "none"  # Quantized training of the weight matmuls: none | int8 | int8_weight | fp8.
+  # LoRA (Hu et al. 2021): low-rank adapters on the blocks' weight matmuls, the only parameters
+  # trained (`fulcrum.platform.optim.lora`); `hf.save_pretrained` merges them into the weights.
+  lora_rank: int = 0  # Adapter rank r; 0 = off.
+  lora_alpha: float = 16.0  # The adapters' output is scaled by lora_alpha / lora_rank.
+  # Comma-separated `Dense` names to adapt (attention q,k,v,o; MLP gate,up,down; Mamba
+  # in_proj,x_proj,dt_proj,out_proj; Griffin/Hawk linear_x,linear_y,linear_out; the list for an
+  # arch: `blocks.dense_names`), or all of them (embeddings and lm_head are never adapted).
+  lora_targets: str = "all"
   # Embedding and logits (Gemma/RecurrentGemma conventions; off by default).
   scale_embeddings: bool = False  # Multiply token embeddings by sqrt(d_model).
   embed_scale_bf16: bool = False  # Round that sqrt(d_model) to bfloat16 (RecurrentGemma).

@@ -16,6 +16,7 @@ from flax import linen as nn
 from fulcrum.modules import blocks, quant, scan
 from fulcrum.modules.attention import AttentionImpl
 from fulcrum.modules.forecasting import LINEAR_ARCHS, build_forecaster
+from fulcrum.modules.layers import check_lora
 from fulcrum.modules.lm import LM
 from fulcrum.modules.model_config import ModelConfig, require, require_sizes
 
@@ -50,6 +51,7 @@ def validate(c: ModelConfig) -> None:
   if c.arch in LINEAR_ARCHS:
     if c.arch == "dlinear":
       require(c.moving_avg >= 1, f"model.moving_avg must be >= 1, got {c.moving_avg}")
+    check_lora(c, ())  # Their time maps are not `Dense` layers.
     return
   require_sizes(c, d_model=1, num_layers=1)
   require(

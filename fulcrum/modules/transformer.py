@@ -9,7 +9,7 @@ from flax import linen as nn
 from jaxtyping import Array, Float, Int
 
 from fulcrum.modules.attention import Attention, KVCache
-from fulcrum.modules.layers import BATCH, EMBED, LENGTH, GatedMLP, RMSNorm, tap
+from fulcrum.modules.layers import BATCH, EMBED, LENGTH, GatedMLP, LoRA, RMSNorm, tap
 from fulcrum.modules.model_config import ModelConfig, require_sizes
 
 
@@ -23,6 +23,8 @@ class TransformerBlock(nn.Module):
   # The token mixer: its kind and submodule path (`fulcrum.modules.blocks.layer_paths`).
   mixer: ClassVar[str] = "attention"
   mixer_path: ClassVar[tuple[str, ...]] = ("attn",)
+  # Its weight matmuls (`Dense` names), which `model.lora_targets` may name.
+  dense_names: ClassVar[tuple[str, ...]] = Attention.DENSE + GatedMLP.DENSE
 
   @classmethod
   def check_config(cls, c: ModelConfig) -> None:
@@ -43,7 +45,7 @@ class TransformerBlock(nn.Module):
     h, cache = Attention.from_config(c, num_kv_heads=c.kv_heads, name="attn")(h, positions, cache)
     x = nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED))
     h = RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x)
-    h = GatedMLP(c.d_model, c.hidden_dim, "silu", name="mlp", **kw)(h)
+    h = GatedMLP(c.d_model, c.hidden_dim, "silu", lora=LoRA.from_config(c), name="mlp", **kw)(h)
     x = tap(self, "output", x + h)  # The residual stream after the block, for attribution.
     return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), cache
 

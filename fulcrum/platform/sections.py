@@ -8,6 +8,7 @@
   decode      decode/strategies.py        `fulcrum decode` / `fulcrum calibrate` defaults
   mesh        training/train_config.py    device mesh axes
   log         training/metrics.py         TensorBoard, Weights & Biases
+  spin        selfplay/spin_config.py        SPIN iterations (read when task = spin)
 
 `base_config()` assembles them; `validate(config)` runs each owner's check. Recipes start from
 `base_config()` (through `fulcrum/recipes/_bases.py`).
@@ -23,6 +24,7 @@ from fulcrum.platform.config import Section
 from fulcrum.platform.data import pipeline
 from fulcrum.platform.decode import strategies
 from fulcrum.platform.optim import factory
+from fulcrum.platform.selfplay import spin_config
 from fulcrum.platform.training import metrics, tasks, train_config
 
 
@@ -44,6 +46,7 @@ SECTIONS: dict[str, Section] = {
   "decode": Section(strategies.config_defaults, strategies.validate_config),
   "mesh": Section(train_config.mesh_defaults, train_config.validate_mesh),
   "log": Section(metrics.config_defaults, metrics.validate_config),
+  "spin": Section(spin_config.config_defaults, spin_config.validate_config),
 }
 TOP_LEVEL = {"task": "lm"}  # What is trained: a task in fulcrum/platform/training/tasks/.
 

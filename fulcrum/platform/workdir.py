@@ -260,9 +260,27 @@ def _alive(pid: Any) -> bool:
   return True
 
 
-def load(workdir: str | epath.PathLike, devices=None) -> tuple[Experiment, TrainState, int]:
-  """The experiment and newest train state saved in a training workdir."""
+def checkpointed_run(workdir: str | epath.PathLike) -> epath.Path:
+  """The workdir whose checkpoints stand for `workdir`: itself, or for a SPIN run (which trains
+  each self-play iteration in DIR/iterations/T) its newest iteration."""
   workdir = resolve(workdir)
+  config = read_config(workdir)
+  if config.get("task") != "spin" or config.spin.pairs:
+    return workdir
+  runs = workdir / "iterations"
+  found = sorted(
+    (int(p.name), p) for p in (runs.iterdir() if runs.exists() else ()) if p.name.isdigit()
+  )
+  found = [p for _, p in found if (p / "config.json").exists()]
+  if not found:
+    raise UserError(f"{workdir} is a SPIN run with no iteration trained yet; run it first")
+  return found[-1]
+
+
+def load(workdir: str | epath.PathLike, devices=None) -> tuple[Experiment, TrainState, int]:
+  """The experiment and newest train state saved in a training workdir (a SPIN run: its
+  newest iteration's)."""
+  workdir = checkpointed_run(workdir)
   exp = build_experiment(read_config(workdir), devices)
   ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
   try:

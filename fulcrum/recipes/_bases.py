@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from fulcrum.platform.data import series
+from fulcrum.platform.data import instruct, series
 from fulcrum.platform.sections import base_config
 
-__all__ = ["base_config", "byte_lm_config", "forecast_config", "synthetic_config"]
+__all__ = [
+  "base_config",
+  "byte_lm_config",
+  "forecast_config",
+  "instruct_config",
+  "synthetic_config",
+]
 
 
 def byte_lm_config(
@@ -74,4 +80,25 @@ def forecast_config() -> ml_collections.ConfigDict:
   c.model.head = "forecast"  # Block stacks get the forecasting head, not the LM's logits.
   for key, value in series.config_defaults().items():
     c.data[key] = value
+  return c
+
+
+def instruct_config() -> ml_collections.ConfigDict:
+  """The base of instruction-tuning recipes: `task = instruct` with the generated problems' keys
+  (`data.instruct_*`, owned by `fulcrum.platform.data.instruct`) at their defaults; a small
+  byte-level transformer, loss on the responses only."""
+  c = base_config()
+  c.task = "instruct"
+  for key, value in instruct.config_defaults().items():
+    c.data[key] = value
+  c.train.seq_len = 128
+  c.train.batch_size = 32
+  c.train.log_every = 50
+  c.train.eval_batches = 8
+  c.model.d_model = 128
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 1
+  c.optimizer.learning_rate = 2e-3
+  c.optimizer.warmup_steps = 100
   return c

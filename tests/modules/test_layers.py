@@ -3,8 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import traverse_util
 
-from fulcrum.modules.layers import Dense, GatedMLP, RMSNorm, rope
+from fulcrum.modules import ModelConfig, blocks, build
+from fulcrum.modules.layers import Dense, GatedMLP, LoRA, RMSNorm, rope
 
 
 def test_rmsnorm_matches_formula():
@@ -50,6 +53,37 @@ def test_dense_multi_axis_matches_einsum():
   np.testing.assert_allclose(
     m.apply(params, x), np.einsum("btij,ijo->bto", x, k) + b, rtol=1e-5, atol=1e-5
   )
+
+
+def test_dense_lora_adds_the_scaled_low_rank_product():
+  """y = x W + b + (alpha / r) (x A) B, A [in..., r] and B [r, out...] with the kernel's names."""
+  x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+  m = Dense((4, 5), (6, 2), ("a", "b", "c", "d"), use_bias=True, lora=LoRA(3, 6.0, ("all",)))
+  params = m.init(jax.random.key(0), x)["params"]
+  assert params["lora_a"].names == ("a", "b", None) and params["lora_b"].names == (None, "c", "d")
+  p = {k: np.asarray(v.unbox()) for k, v in params.items()}
+  np.testing.assert_array_equal(p["lora_b"], 0)  # At init the layer is the base layer.
+  p["lora_b"] = np.random.default_rng(1).normal(size=(3, 6, 2)).astype(np.float32)
+  base = np.einsum("btij,ijop->btop", x, p["kernel"]) + p["bias"]
+  low_rank = np.einsum("btij,ijr,rop->btop", x, p["lora_a"], p["lora_b"])
+  np.testing.assert_allclose(m.apply({"params": p}, x), base + 2.0 * low_rank, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_without_lora_or_untargeted_has_no_adapters():
+  x = np.zeros((2, 4), np.float32)
+  for lora in (LoRA(), LoRA(0, 16.0, ("all",)), LoRA(2, 16.0, ("q",))):
+    params = Dense((4,), (3,), ("a", "b"), lora=lora).init(jax.random.key(0), x)["params"]
+    assert set(params) == {"kernel"}
+
+
+@pytest.mark.parametrize("arch", sorted(blocks.BLOCKS))
+def test_dense_names_are_the_layers_lora_all_adapts(arch):
+  """Each block's `dense_names` lists exactly the `Dense` layers it builds."""
+  c = ModelConfig(arch=arch, vocab_size=8, d_model=8, num_layers=3, num_heads=2, lora_rank=1)
+  shapes = jax.eval_shape(build(c).init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+  flat = traverse_util.flatten_dict(shapes["params"])
+  adapted = {key[-2] for key in flat if key[-1] == "lora_a"}
+  assert sorted(adapted) == sorted(blocks.dense_names(arch))
 
 
 def test_swiglu_matches_formula():

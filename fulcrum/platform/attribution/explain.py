@@ -29,7 +29,7 @@ from fulcrum.platform.attribution import (
   randomisation_check,
   report,
 )
-from fulcrum.platform.data import ByteTokenizer
+from fulcrum.platform.data import tokenizer as tokenizer_lib
 from fulcrum.platform.errors import UserError
 
 
@@ -65,15 +65,28 @@ def _series_input(exp, text: str) -> tuple[np.ndarray, str]:
   return series.normalize(raw[-need:]), source
 
 
-def _lm_target(tok: ByteTokenizer, target: str, token: str | None) -> Target:
-  """The next-token target at the last position: `token` (one byte) or the top prediction."""
+def _lm_target(tok: tokenizer_lib.Tokenizer, target: str, token: str | None) -> Target:
+  """The next-token target at the last position: `token` (one token) or the top prediction."""
   token_id = None
   if token is not None:
     ids = tok.encode(token)
     if len(ids) != 1:
-      raise UserError(f"--token must be one byte-level token, got {token!r}")
+      own = tok.spec == tokenizer_lib.BYTES
+      kind = "byte-level token" if own else f"token of the run's tokenizer ({tok.spec})"
+      raise UserError(f"--token must be one {kind}, got {token!r} ({len(ids)} tokens)")
     token_id = ids[0]
   return Target(kind=target, token=token_id)
+
+
+def _lm_inputs(tok: tokenizer_lib.Tokenizer, text: str, continuation: str):
+  """Token ids of text + continuation, each token's display string, and the index of the first
+  token of the continuation (a token across the boundary belongs to the continuation)."""
+  full = text + continuation
+  pieces = tok.pieces(full)
+  ends = np.cumsum([len(p) for p in pieces])
+  start = int(np.searchsorted(ends, len(text), side="right"))
+  shown = ["".join(report.display_tokens(p.encode("utf-8"))) for p in pieces]
+  return np.asarray(tok.encode(full), np.int32), shown, start
 
 
 def _write(path: epath.Path, write: Callable[[], Any]) -> None:
@@ -123,7 +136,8 @@ def explain_workdir(
     method: one of `METHODS`.
     out: the report's path; default DIR/attribution/METHOD.html (LM) or .png (forecaster).
     target: LM: logprob | logit of the next token.
-    token: LM: the explained next token (one byte-level token); default: the top prediction.
+    token: LM: the explained next token (one token of the workdir's `data.tokenizer`);
+      default: the top prediction.
     continuation: LM: explain this text's log-likelihood after `input` instead.
     step, channel: forecaster: the explained horizon step and channel.
     steps: integrated gradients' starting quadrature points.
@@ -152,18 +166,16 @@ def explain_workdir(
     raise UserError(f"{workdir} trains task {task!r}; attribute needs an LM or a forecaster")
   if isinstance(baseline, str) and baseline.isdigit():
     baseline = int(baseline)
-  tok = ByteTokenizer()
   try:
     if task == "lm":
-      data = (input + (continuation or "")).encode("utf-8")
-      inputs = np.asarray(tok.encode(input + (continuation or "")), np.int32)
+      tok = tokenizer_lib.get_tokenizer(exp.config.data.tokenizer)
+      inputs, tokens, start = _lm_inputs(tok, input, continuation or "")
       if continuation:
-        explained = Target(kind="span", start=len(tok.encode(input)))
+        explained = Target(kind="span", start=start)
       else:
         explained = _lm_target(tok, target, token)
       source = None
     else:
-      data = None
       inputs, source = _series_input(exp, input)
       explained = Target(kind="forecast", step=step, channel=channel)
     kwargs = dict(baseline=baseline, steps=steps, samples=samples, noise=noise, layer=layer)
@@ -183,7 +195,6 @@ def explain_workdir(
   resolved = subject.target
   title = f"{method} — {epath.Path(workdir).name} (step {ckpt_step})"
   if task == "lm":
-    tokens = report.display_tokens(data)
     what = resolved.describe(lambda t: tok.decode([t]))
     path = epath.Path(out or epath.Path(workdir) / "attribution" / f"{method}.html")
     html = report.html_heatmap(

@@ -5,7 +5,7 @@ Training pipeline (one per host):
   documents (ArrayRecord, random access)
     -> shuffle with `seed`, reshuffled every epoch, repeated forever      (grain MapDataset)
     -> this host's documents: global positions process_index, +process_count, ...
-    -> ByteTokenizer + EOS per document
+    -> the `data.tokenizer` tokenizer (`tokenizer.get_tokenizer`) + EOS per document
     -> [data.num_workers > 0: read and tokenize in worker processes, order unchanged]
     -> concatenate the token stream and cut windows of seq_len + 1    (ConcatThenSplit)
     -> inputs = window[:-1], targets = window[1:]; batch rows
@@ -16,8 +16,12 @@ process_count` rows; the global batch is the concatenation of the hosts' batches
 host that is the whole stream and the whole batch. Eval batches are computed whole on every
 host and each host keeps its row slice, so evaluation sees the same data for any host count.
 
-The training iterator is a grain `DatasetIterator`: `get_state()` is a small JSON-serialisable
-dict and `set_state()` on a fresh iterator from the same config resumes exactly.
+The training iterator is a grain `DatasetIterator` (`resumable.ResumableIterator`): `get_state()`
+is a small JSON-serialisable dict and `set_state()` on a fresh iterator from the same config
+resumes exactly; a state saved with another tokenizer (or other data settings) is refused.
+
+Eval batches also carry `target_bytes` [b]: the UTF-8 bytes of text each row's targets stand for
+(an EOS counts one), so bits per byte stay bits per byte with any tokenizer.
 """
 
 from __future__ import annotations
@@ -38,10 +42,9 @@ from absl import flags
 from grain.experimental import ConcatThenSplitIterDataset
 
 from fulcrum.platform.data import text_corpus
-from fulcrum.platform.data.tokenizer import ByteTokenizer
+from fulcrum.platform.data import tokenizer as tokenizer_lib
+from fulcrum.platform.data.resumable import ResumableIterator
 from fulcrum.platform.errors import UserError
-
-_TOKENIZER = ByteTokenizer()
 
 
 def config_defaults() -> ml_collections.ConfigDict:
@@ -55,6 +58,9 @@ def config_defaults() -> ml_collections.ConfigDict:
   c.eval_split = "validation"
   c.data_dir = ""  # Where TFDS data is prepared; "" = $FULCRUM_DATA_DIR or ~/.cache.
   c.num_workers = 0  # grain worker processes (0 = in the main process).
+  # bytes (UTF-8 bytes, 256 ids) or hf:PATH (a folder with a Hugging Face tokenizer.json, or
+  # the file; relative to the current directory). See data/tokenizer.py.
+  c.tokenizer = tokenizer_lib.BYTES
   return c
 
 
@@ -64,9 +70,9 @@ def validate_config(d: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"data.num_workers must be >= 0 (0 = in the main process), got {d.num_workers}"
     )
+  tokenizer_lib.check_spec(d.tokenizer)
 
 
-_STATE_FORMAT = 1
 # Threads reading documents ahead of packing; documents are small and decoding is cheap.
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
 
@@ -203,23 +209,33 @@ def load_source(data_cfg: ml_collections.ConfigDict, split: str) -> Sequence[Any
 
 @dataclasses.dataclass(frozen=True)
 class _Tokenize(grain.transforms.Map):
-  """Example -> {"tokens": int32 bytes of its text + EOS}."""
+  """Example -> {"tokens": int32 ids of its text + EOS} (+ "bytes": the text's UTF-8 bytes per
+  token, with `count_bytes`)."""
 
   text_key: str
+  tokenizer: tokenizer_lib.Tokenizer
+  count_bytes: bool = False
 
   def map(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
     text = example[self.text_key]
     if isinstance(text, np.ndarray):
       text = text.item()
-    return {"tokens": _TOKENIZER.encode(text, add_eos=True)}
+    if not self.count_bytes:
+      return {"tokens": self.tokenizer.encode(text, add_eos=True)}
+    tokens, counts = self.tokenizer.byte_counts(text, add_eos=True)
+    return {"tokens": tokens, "bytes": counts}
 
 
 class _ToInputsTargets(grain.transforms.Map):
-  """A packed window of seq_len + 1 tokens -> next-token inputs/targets."""
+  """A packed window of seq_len + 1 tokens -> next-token inputs/targets (+ the bytes the targets
+  stand for, where the window counts them)."""
 
   def map(self, element: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     window = element["tokens"]
-    return {"inputs": window[:-1], "targets": window[1:]}
+    out = {"inputs": window[:-1], "targets": window[1:]}
+    if "bytes" in element:
+      out["target_bytes"] = element["bytes"][1:].sum(dtype=np.int32)
+    return out
 
 
 def exit_with_parent(worker_index: int, worker_count: int) -> None:
@@ -240,10 +256,13 @@ def exit_with_parent(worker_index: int, worker_count: int) -> None:
 
 
 def _packed(
-  ds: grain.MapDataset, text_key: str, seq_len: int, num_workers: int
+  ds: grain.MapDataset,
+  tokenize: _Tokenize,
+  seq_len: int,
+  num_workers: int,
 ) -> grain.IterDataset:
   """Tokenizes a document dataset and packs it into inputs/targets windows."""
-  it = ds.map(_Tokenize(text_key)).to_iter_dataset(_READ_OPTIONS)
+  it = ds.map(tokenize).to_iter_dataset(_READ_OPTIONS)
   if num_workers > 0:
     # grain's worker launcher reads absl flags; outside `absl.app.run` they are unparsed and
     # reading them raises. Their defaults are what we want.
@@ -255,7 +274,10 @@ def _packed(
     it = it.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=exit_with_parent
     )
-  it = ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1})
+  lengths = {"tokens": seq_len + 1}
+  if tokenize.count_bytes:
+    lengths["bytes"] = seq_len + 1  # Same length per document as its tokens: packed in step.
+  it = ConcatThenSplitIterDataset(it, length_struct=lengths)
   return it.map(_ToInputsTargets())
 
 
@@ -290,80 +312,6 @@ def _check_shapes(seq_len: int, batch_size: int, process_index: int, process_cou
   if seq_len <= 0:
     raise UserError(f"train.seq_len must be positive, got {seq_len}")
   return per_host_batch_size(batch_size, process_index, process_count)
-
-
-def _to_json(value: Any) -> Any:
-  """A JSON-clean copy: tuples -> lists, NumPy scalars -> Python numbers."""
-  if isinstance(value, Mapping):
-    return {str(k): _to_json(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_to_json(v) for v in value]
-  if isinstance(value, np.generic):
-    return value.item()
-  return value
-
-
-def _from_json(value: Any) -> Any:
-  """Undoes the lossy part of JSON for grain's packing state.
-
-  ConcatThenSplit compares its slices with the tuple (-1, -1); after a JSON round trip they
-  are lists, which would silently corrupt the restored stream.
-  """
-  if isinstance(value, Mapping):
-    out = {}
-    for k, v in value.items():
-      if k == "remainder_slices" and isinstance(v, Mapping):
-        out[k] = {name: tuple(sl) for name, sl in v.items()}
-      else:
-        out[k] = _from_json(v)
-    return out
-  if isinstance(value, list):
-    return [_from_json(v) for v in value]
-  return value
-
-
-class ResumableIterator(grain.DatasetIterator):
-  """Wraps a training iterator: JSON-safe state, checked against the pipeline's settings.
-
-  `fingerprint` holds the settings that fix the data order (source, sizes, seed, hosts);
-  `set_state` refuses a state saved under different ones.
-  """
-
-  def __init__(self, parent: grain.DatasetIterator, fingerprint: dict[str, Any]):
-    super().__init__(parent)
-    self._fingerprint = fingerprint
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._parent)
-
-  def get_state(self) -> dict[str, Any]:
-    return {
-      "format": _STATE_FORMAT,
-      "pipeline_settings": dict(self._fingerprint),
-      "grain": _to_json(self._parent.get_state()),
-    }
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
-      raise UserError(
-        "the saved data-iterator state is not from this version of Fulcrum's "
-        "data pipeline; start a new workdir"
-      )
-    saved = state.get("pipeline_settings", {})
-    changed = [
-      f"{k} was {saved.get(k)!r}, now {v!r}"
-      for k, v in self._fingerprint.items()
-      if saved.get(k) != v
-    ]
-    if changed:
-      raise UserError(
-        f"the data pipeline differs from the saved iterator state ({'; '.join(changed)}"
-        "); restore the original data/train settings or start a new workdir"
-      )
-    self._parent.set_state(_from_json(state["grain"]))
-
-  def __str__(self) -> str:
-    return f"FulcrumTrainIterator({self._fingerprint})"
 
 
 def make_train_iterator(
@@ -409,7 +357,8 @@ def make_train_iterator(
   docs = grain.MapDataset.source(source).shuffle(seed=seed % 2**32).repeat()
   docs = docs[process_index::process_count]
   num_workers = max(int(data_cfg.num_workers), 0)
-  batches = _packed(docs, ds.text_key, seq_len, num_workers).batch(per_host, drop_remainder=True)
+  tokenize = _Tokenize(ds.text_key, tokenizer_lib.get_tokenizer(data_cfg.tokenizer))
+  batches = _packed(docs, tokenize, seq_len, num_workers).batch(per_host, drop_remainder=True)
   fingerprint = {
     "source": f"{ds.label} [{data_cfg.train_split}]",
     "num_documents": len(source),
@@ -419,8 +368,11 @@ def make_train_iterator(
     "process_index": process_index,
     "process_count": process_count,
     "num_workers": num_workers,
+    "tokenizer": data_cfg.tokenizer,
   }
-  return ResumableIterator(iter(batches), fingerprint)
+  # States saved before the tokenizer was a setting were all byte-level.
+  implied = {"tokenizer": tokenizer_lib.BYTES}
+  return ResumableIterator(iter(batches), fingerprint, implied)
 
 
 def make_eval_batches(
@@ -447,7 +399,9 @@ def make_eval_batches(
     process_count: number of hosts.
 
   Returns:
-    `num_batches` dicts {"inputs", "targets"} of int32 [batch_size // process_count, seq_len].
+    `num_batches` dicts {"inputs", "targets"} of int32 [batch_size // process_count, seq_len]
+    and "target_bytes" int32 [batch_size // process_count]: the UTF-8 bytes of text each row's
+    targets stand for (EOS counts one; with `bytes`, seq_len).
 
   Raises:
     UserError: bad data config, missing or empty split.
@@ -463,7 +417,8 @@ def make_eval_batches(
       "choose a split with examples"
     )
   docs = grain.MapDataset.source(source).repeat()
-  it = iter(_packed(docs, ds.text_key, seq_len, 0).batch(batch_size, drop_remainder=True))
+  tokenize = _Tokenize(ds.text_key, tokenizer_lib.get_tokenizer(data_cfg.tokenizer), True)
+  it = iter(_packed(docs, tokenize, seq_len, 0).batch(batch_size, drop_remainder=True))
   rows = slice(process_index * per_host, (process_index + 1) * per_host)
   out = []
   for _ in range(num_batches):

@@ -72,6 +72,7 @@ def generate(
   stop_tokens: Sequence[int] = (),
   seed: int = 0,
   max_len: int | None = None,
+  pad_to: int | None = None,
 ) -> Generation:
   """Continues each prompt by up to `max_new_tokens` tokens.
 
@@ -89,6 +90,8 @@ def generate(
     stop_tokens: a row ends after emitting any of these.
     seed: sampling seed.
     max_len: context limit (positions); prompts plus new tokens beyond it are refused.
+    pad_to: left-pad the prompts to at least this many tokens, so calls with prompts of other
+      lengths reuse one compiled program.
 
   Raises:
     ValueError: an empty prompt, a value that is not a strategy, sampling the strategy refuses,
@@ -99,7 +102,7 @@ def generate(
       f"strategy must be a strategy value such as Greedy() or Lookahead(), got {strategy!r}"
     )
   sampling = strategy.sampling_for(sampling)
-  tokens, positions = left_pad(prompts)
+  tokens, positions = left_pad(prompts, pad_to)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if max_len is not None and tokens.shape[1] + max_new_tokens > max_len:

@@ -98,8 +98,11 @@ def emit(
   return Emitted(tokens, count, out.done | stopped | (count >= limit))
 
 
-def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """[b, t] tokens (0 as padding) and [b, t] positions (-1 on padding) of left-padded prompts."""
+def left_pad(
+  prompts: Sequence[Sequence[int]] | np.ndarray, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """[b, t] tokens (0 as padding) and [b, t] positions (-1 on padding) of left-padded prompts;
+  t is the longest prompt, or `width` when that is longer (one shape for many calls)."""
   if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
     rows = list(prompts)
   elif isinstance(prompts, np.ndarray) and prompts.ndim == 1:
@@ -111,7 +114,7 @@ def left_pad(prompts: Sequence[Sequence[int]] | np.ndarray) -> tuple[np.ndarray,
   lengths = np.array([len(r) for r in rows])
   if (lengths == 0).any():
     raise ValueError(f"prompt {int(np.argmin(lengths))} is empty; give at least one token")
-  t = int(lengths.max())
+  t = max(int(lengths.max()), width or 0)
   tokens = np.zeros((len(rows), t), np.int32)
   positions = np.full((len(rows), t), -1, np.int32)
   for i, r in enumerate(rows):

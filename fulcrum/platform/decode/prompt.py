@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fulcrum.platform import workdir as workdir_lib
-from fulcrum.platform.data import ByteTokenizer
+from fulcrum.platform.data import tokenizer as tokenizer_lib
 from fulcrum.platform.decode import strategies
 from fulcrum.platform.decode.generate import generate
 from fulcrum.platform.decode.speculative import Draft, Speculative
@@ -53,12 +53,12 @@ def decode_prompt(
 
   Args:
     workdir: a `fulcrum train` workdir of task "lm".
-    prompt: the text to continue (byte-tokenized).
+    prompt: the text to continue (encoded with the workdir's `data.tokenizer`).
     strategy: a name in `strategies.STRATEGIES`.
     draft_workdir: the draft's workdir, for speculative and cascade (ignored by the others).
     max_new_tokens: new tokens (fewer if a stop character comes first).
     temperature, top_k, top_p: sampling (see `strategies.from_config` for who samples).
-    stop: end at any of these characters.
+    stop: end at any of these characters (`tokenizer.stop_ids`).
     gamma: speculative / cascade draft tokens per round.
     lookahead: "W,N,G", lookahead's window, n-gram size and candidates.
     rule, alpha: the cascade's deferral rule and threshold.
@@ -101,13 +101,18 @@ def decode_prompt(
         f"--draft-workdir {draft_workdir} trains task {draft_exp.config.task!r}; a draft must be "
         "a language model with the target's tokenizer (e.g. an `lm_draft` run)"
       )
+    if draft_exp.config.data.tokenizer != exp.config.data.tokenizer:
+      raise UserError(
+        f"--draft-workdir {draft_workdir} uses tokenizer {draft_exp.config.data.tokenizer}, the "
+        f"target {exp.config.data.tokenizer}; use a draft trained with the target's tokenizer"
+      )
     draft = Draft(draft_exp.model, draft_state.params)
   kv_cache = kv_cache or d.kv_cache
   if kv_cache not in strategies.KV_CACHES:
     raise UserError(
       f"unknown KV cache {kv_cache!r}; choose one of {', '.join(strategies.KV_CACHES)}"
     )
-  tok = ByteTokenizer()
+  tok = tokenizer_lib.get_tokenizer(exp.config.data.tokenizer)
   try:
     value, sampling = strategies.from_config(
       d,
@@ -132,7 +137,7 @@ def decode_prompt(
       strategy=value,
       sampling=sampling,
       kv_quant=kv_quant,
-      stop_tokens=tok.encode(stop) if stop else (),
+      stop_tokens=tokenizer_lib.stop_ids(tok, stop or ""),
       seed=seed,
       max_len=d.max_len,
     )

@@ -23,12 +23,15 @@ from flax import traverse_util
 from fulcrum.modules import LM, ModelConfig, build
 from fulcrum.modules.blocks import layer_paths
 from fulcrum.modules.models import DTYPES
+from fulcrum.platform.data import hf_tokenizer
+from fulcrum.platform.data import tokenizer as tokenizer_lib
 from fulcrum.platform.errors import UserError
 from fulcrum.platform.hf.convert import LM_HEAD, Converter, Rule
 from fulcrum.platform.hf.registry import CONVERTERS, export_model_type
 from fulcrum.platform.hf.safetensors_io import open_checkpoint, write_safetensors
+from fulcrum.platform.optim import lora
 
-__all__ = ["load_pretrained", "save_pretrained"]
+__all__ = ["load_pretrained", "place_pretrained", "pretrained_config", "save_pretrained"]
 
 Params = dict[str, Any]
 
@@ -99,6 +102,48 @@ def _some(names: list[str]) -> str:
   return f"{names[0]!r}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
 
 
+def _checked_weights(
+  folder: Path, model_type: str, converter: Converter, model: LM
+) -> tuple[dict[str, Any], list[tuple[Rule, tuple[int, ...]]]]:
+  """The checkpoint's tensors (memory-mapped) and the rules with their params' shapes, once
+  every tensor the model needs is there with its shape and none is left over."""
+  config = model.config
+  if not any(folder.glob("*.safetensors")):
+    raise _no_weights_error(folder)
+  weights, rules = open_checkpoint(folder), _checked_rules(converter, model)
+  missing = [r.hf_name for r, _ in rules if r.hf_name not in weights]
+  if missing:
+    raise UserError(
+      f"tensor {_some(missing)} is missing from {folder}; the checkpoint is "
+      f"incomplete or not a {converter.architectures[0]} — re-download it"
+    )
+  # A tied model's checkpoint may still hold its (tied) lm_head.
+  known = {r.hf_name for r, _ in rules} | ({LM_HEAD.hf_name} if config.tie_embeddings else set())
+  unexpected = [n for n in weights if n not in known and not any(s in n for s in converter.ignored)]
+  if unexpected:
+    raise UserError(
+      f"{folder} holds tensor {_some(sorted(unexpected))}, which a {model_type} "
+      "model with this config.json lacks; make config.json (e.g. its bias or "
+      "tie_word_embeddings settings) match the weights"
+    )
+  for rule, shape in rules:
+    want, got = rule.layout.hf_shape(shape), weights[rule.hf_name].shape(rule.hf_name)
+    if tuple(got) != tuple(want):
+      raise UserError(
+        f"tensor {rule.hf_name!r} has shape {tuple(got)} but config.json implies "
+        f"{tuple(want)}; the config and weights of {folder} do not match"
+      )
+  return weights, rules
+
+
+def _converted(weights: dict[str, Any], rule: Rule, shape: tuple[int, ...]) -> np.ndarray:
+  """One checkpoint tensor as its float32 Fulcrum parameter (read from the file now)."""
+  array = weights[rule.hf_name][rule.hf_name]
+  if not jnp.issubdtype(array.dtype, jnp.floating):
+    raise UserError(f"tensor {rule.hf_name!r} is {array.dtype}, not float; re-save it as float")
+  return np.asarray(rule.layout.to_fulcrum(array.astype(np.float32), shape), order="C")
+
+
 def load_pretrained(path: str | Path, *, dtype: str = "float32") -> tuple[LM, Params]:
   """Loads a local Hugging Face checkpoint folder as a Fulcrum model and its params.
 
@@ -124,37 +169,78 @@ def load_pretrained(path: str | Path, *, dtype: str = "float32") -> tuple[LM, Pa
   config = ModelConfig(**converter.to_config(hf), dtype=dtype)
   model = build(config)
 
-  if not any(folder.glob("*.safetensors")):
-    raise _no_weights_error(folder)
-  weights, rules = open_checkpoint(folder), _checked_rules(converter, model)
-  missing = [r.hf_name for r, _ in rules if r.hf_name not in weights]
-  if missing:
-    raise UserError(
-      f"tensor {_some(missing)} is missing from {folder}; the checkpoint is "
-      f"incomplete or not a {converter.architectures[0]} — re-download it"
-    )
-  # A tied model's checkpoint may still hold its (tied) lm_head.
-  known = {r.hf_name for r, _ in rules} | ({LM_HEAD.hf_name} if config.tie_embeddings else set())
-  unexpected = [n for n in weights if n not in known and not any(s in n for s in converter.ignored)]
-  if unexpected:
-    raise UserError(
-      f"{folder} holds tensor {_some(sorted(unexpected))}, which a {model_type} "
-      "model with this config.json lacks; make config.json (e.g. its bias or "
-      "tie_word_embeddings settings) match the weights"
-    )
-  flat = {}
-  for rule, shape in rules:
-    want, got = rule.layout.hf_shape(shape), weights[rule.hf_name].shape(rule.hf_name)
-    if tuple(got) != tuple(want):
-      raise UserError(
-        f"tensor {rule.hf_name!r} has shape {tuple(got)} but config.json implies "
-        f"{tuple(want)}; the config and weights of {folder} do not match"
-      )
-    array = weights[rule.hf_name][rule.hf_name]
-    if not jnp.issubdtype(array.dtype, jnp.floating):
-      raise UserError(f"tensor {rule.hf_name!r} is {array.dtype}, not float; re-save it as float")
-    flat[rule.path] = np.asarray(rule.layout.to_fulcrum(array.astype(np.float32), shape), order="C")
+  weights, rules = _checked_weights(folder, model_type, converter, model)
+  flat = {rule.path: _converted(weights, rule, shape) for rule, shape in rules}
   return model, traverse_util.unflatten_dict(flat)
+
+
+def pretrained_config(path: str | Path) -> dict[str, Any]:
+  """The `ModelConfig` keyword arguments a local Hugging Face checkpoint folder's config.json
+  describes (its family's `Converter.to_config`); reads no weights. UserError as `load_pretrained`.
+  """
+  folder, hf = _open_folder(path)
+  return _converter(hf, folder)[1].to_config(hf)
+
+
+def place_pretrained(path: str | Path, config: ModelConfig, abstract: Params) -> Params:
+  """Reads a Hugging Face checkpoint folder straight into sharded params, one tensor at a time.
+
+  Each parameter is read from the memory-mapped safetensors, converted to float32 (`Rule`,
+  `Layout`) and put on its devices before the next is read, so the host never holds more than
+  one parameter (one stacked group of layers with `scan_layers`) in float32.
+
+  Args:
+    path: the checkpoint folder (as for `load_pretrained`).
+    config: the model's config: the checkpoint's architecture, with any `scan_layers`, `dtype`
+      or `remat`, and extra parameters the checkpoint lacks (e.g. LoRA adapters).
+    abstract: the model's params tree of `jax.ShapeDtypeStruct`s with their shardings.
+
+  Returns:
+    The params of `abstract` that the checkpoint holds, as `jax.Array`s in `abstract`'s
+    shardings and dtypes; leaves the checkpoint lacks are absent from the tree.
+
+  Raises:
+    UserError: the folder cannot be loaded, or a tensor has no parameter of its shape in
+      `abstract` (the message names the first).
+  """
+  folder, hf = _open_folder(path)
+  model_type, converter = _converter(hf, folder)
+  source = build(ModelConfig(**converter.to_config(hf)))
+  weights, rules = _checked_weights(folder, model_type, converter, source)
+  wanted = traverse_util.flatten_dict(abstract)
+  # Unscanned layer path -> (the target's path, index on its stacked axis or None).
+  layers = {
+    own.path: (layer.path, layer.stacked)
+    for layer, own in zip(layer_paths(config), layer_paths(config, scanned=False), strict=True)
+  }
+  targets: dict[tuple[str, ...], list[tuple[int | None, Rule, tuple[int, ...]]]] = {}
+  for rule, shape in rules:
+    target, stacked = rule.path, None
+    if rule.path[:1] in layers:
+      prefix, stacked = layers[rule.path[:1]]
+      target = prefix + rule.path[1:]
+    targets.setdefault(target, []).append((stacked, rule, shape))
+  for target, entries in targets.items():
+    shape = entries[0][2] if entries[0][0] is None else (len(entries), *entries[0][2])
+    want = wanted.get(target)
+    if want is None or tuple(want.shape) != tuple(shape):
+      has = "no such param" if want is None else f"shape {tuple(want.shape)}"
+      raise UserError(
+        f"tensor {entries[0][1].hf_name!r} of {folder} is param {'/'.join(target)} of shape "
+        f"{tuple(shape)}, but the model has {has}; use the checkpoint's model.* settings"
+      )
+  placed = {}
+  for target, entries in targets.items():
+    want = wanted[target]
+    if entries[0][0] is None:
+      host = _converted(weights, entries[0][1], entries[0][2]).astype(want.dtype)
+    else:
+      host = np.empty(want.shape, want.dtype)
+      for stacked, rule, shape in entries:
+        host[stacked] = _converted(weights, rule, shape)
+    placed[target] = jax.make_array_from_callback(want.shape, want.sharding, host.__getitem__)
+    del host  # Before the next parameter is read.
+  return traverse_util.unflatten_dict(placed)
 
 
 def _flat_unscanned(params: Params, config: ModelConfig) -> dict[tuple[str, ...], Any]:
@@ -183,12 +269,15 @@ def save_pretrained(
   *,
   dtype: str = "float32",
   max_position_embeddings: int = 4096,
+  tokenizer: tokenizer_lib.Tokenizer | None = None,
+  generation_config: Mapping[str, Any] | None = None,
 ) -> Path:
   """Writes a Fulcrum transformer as a Hugging Face checkpoint folder that transformers opens.
 
   The folder gets config.json (LlamaForCausalLM, or MistralForCausalLM when the model uses a
   sliding window) and model.safetensors. With the default float32 weights,
-  `load_pretrained(path)` gives back exactly these params.
+  `load_pretrained(path)` gives back exactly these params. A LoRA model (`model.lora_rank > 0`)
+  is written with its adapters merged into the weights (`optim.lora.merge`).
 
   Args:
     model: the `LM` (its `config` decides the architecture written, `export_model_type`).
@@ -197,12 +286,21 @@ def save_pretrained(
     dtype: the dtype stored in the safetensors file: float32, bfloat16 or float16.
     max_position_embeddings: the context length written to config.json (Fulcrum's RoPE has
       no limit; transformers uses it as a default generation limit).
+    tokenizer: the model's tokenizer (`data.tokenizer.get_tokenizer`), checked against the
+      model's vocabulary. A Hugging Face one is written as tokenizer.json +
+      tokenizer_config.json (its eos_token), read back by `get_tokenizer("hf:" + folder)`;
+      bytes has no Hugging Face form: tokenizer files left in the folder are removed instead.
+      None: no tokenizer files are written or removed.
+    generation_config: Hugging Face generation defaults for generation_config.json, e.g.
+      {"do_sample": True, "temperature": 0.7, "top_p": 0.9}; its eos_token_id defaults to
+      the tokenizer's EOS id. The file is always written.
 
   Returns:
     The folder written.
 
   Raises:
-    UserError: the architecture cannot be exported, or the params do not fit the model.
+    UserError: the architecture cannot be exported, the params do not fit the model, the
+      tokenizer has more ids than the model, or generation_config is not JSON.
   """
   if dtype not in DTYPES:
     raise UserError(f"dtype {dtype!r} cannot be saved; use {_DTYPE_CHOICES}")
@@ -211,6 +309,8 @@ def save_pretrained(
   params = nn.unbox(params)
   if set(params) == {"params"}:
     params = params["params"]
+  if config.lora_rank:  # Export the adapted model: its adapters folded into the weights.
+    params, config = lora.merge(params, config)
   flat = _flat_unscanned(params, config)
   config = dataclasses.replace(config, scan_layers=False, remat=False)
   rules = _checked_rules(converter, build(config))
@@ -229,6 +329,14 @@ def save_pretrained(
     raise UserError(
       f"params {_some(['/'.join(k) for k in flat])} are not the model's; pass its own"
     )
+  generation = dict(generation_config or {})
+  if tokenizer is not None:
+    tokenizer_lib.check_vocab(tokenizer, config.vocab_size, key="the model's vocab_size")
+    generation = {"eos_token_id": tokenizer.EOS_ID, **generation}
+  try:
+    generation = json.dumps(generation, indent=2, sort_keys=True)
+  except TypeError as e:
+    raise UserError(f"generation_config is not JSON ({e}); pass numbers, strings, bools") from None
 
   folder = Path(path).expanduser()
   folder.mkdir(parents=True, exist_ok=True)
@@ -242,4 +350,10 @@ def save_pretrained(
   }
   (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
   write_safetensors(folder / "model.safetensors", tensors, {"format": "pt"})
+  if isinstance(tokenizer, hf_tokenizer.HFTokenizer):
+    tokenizer.save(folder)
+  elif tokenizer is not None:  # Bytes: a tokenizer saved here before would pass for this one's.
+    for stale in (hf_tokenizer.FILE, hf_tokenizer.CONFIG_FILE):
+      (folder / stale).unlink(missing_ok=True)
+  (folder / "generation_config.json").write_text(generation + "\n")
   return folder

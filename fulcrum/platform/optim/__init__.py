@@ -3,6 +3,8 @@
 - `make_optimizer`: `optimizer.name` = adamw | galore | adam8bit | galore8bit.
 - `galore_adamw`, `scale_by_galore`: GaLore low-rank projected Adam (`galore.py`).
 - `quantize_state`, `adamw_8bit`: blockwise dynamic 8-bit optimizer state (`quantized.py`).
+- `lora`: LoRA's trainable mask (`make_optimizer(..., trainable=lora.trainable_mask)`), merging
+  adapters into the weights, adapter counts (`lora.py`).
 """
 
 from fulcrum.platform.optim.factory import OPTIMIZERS, learning_rate_schedule, make_optimizer

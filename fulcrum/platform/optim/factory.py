@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import ml_collections
 import optax
@@ -95,13 +98,22 @@ def validate_config(o: ml_collections.ConfigDict) -> None:
 
 
 def make_optimizer(
-  opt: ml_collections.ConfigDict, total_steps: int
+  opt: ml_collections.ConfigDict,
+  total_steps: int,
+  trainable: Callable[[Any], Any] | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer a config names, and its learning-rate schedule (for logging).
 
   GaLore reads which parameters are attention/MLP matrices from the logical axis names of the
   boxed parameters `init` receives (`galore.matrices_from_axes`); parameters without names fall
   back to "every plain 2-D parameter".
+
+  Args:
+    opt: the `optimizer.*` section.
+    total_steps: `train.steps`, the schedule's length.
+    trainable: a function of the (boxed or unboxed) params returning a tree of bools over them
+      (e.g. `lora.trainable_mask`); only the True leaves are updated and have optimizer state,
+      and clipping and weight decay see only them. None: every parameter trains.
   """
   schedule = learning_rate_schedule(opt, total_steps)
   if opt.name not in OPTIMIZERS:
@@ -130,7 +142,16 @@ def make_optimizer(
       **eight_bit,
     )
   chain = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm > 0 else []
-  return optax.chain(*chain, core), schedule
+  tx = optax.chain(*chain, core)
+  if trainable is not None:
+
+    def labels(params):
+      return jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))
+
+    # The frozen leaves get zero updates from a stateless transform, so no state is kept for
+    # them; they are empty nodes (optax.MaskedNode) in the trained branch's state.
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule
 
 
 def _matrices(params):

@@ -19,7 +19,7 @@ from flax import linen as nn
 from flax import struct
 
 from fulcrum import modules
-from fulcrum.platform.optim import make_optimizer
+from fulcrum.platform.optim import lora, make_optimizer
 from fulcrum.platform.training import sharding
 from fulcrum.platform.training.tasks import Task, get_task
 
@@ -93,7 +93,8 @@ def build_experiment(config: ml_collections.ConfigDict, devices=None) -> Experim
   """Model, optimizer, mesh and the abstract (sharded) train state for a validated config."""
   task = get_task(config)
   model = modules.build(config.model)
-  tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+  trainable = lora.trainable_mask if config.model.lora_rank else None  # LoRA: adapters only.
+  tx, schedule = make_optimizer(config.optimizer, config.train.steps, trainable)
   mesh = sharding.make_mesh(config.mesh, devices)
   boxed = jax.eval_shape(_state_init_fn(model, tx, task), jax.random.PRNGKey(0))
   state_sharding = sharding.logical_sharding(boxed, mesh)
@@ -134,6 +135,8 @@ def evaluate_params(exp: Experiment, params, eval_sets, eval_step=None) -> dict[
       suffix = f"_{set_name}" if set_name else ""
       for key, value in exp.task.eval_metrics(sums).items():
         out[f"eval/{key}{suffix}"] = value
+    for key, value in exp.task.generative_metrics(exp.model, params).items():
+      out[f"eval/{key}"] = value
   return out
 
 

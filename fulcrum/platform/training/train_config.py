@@ -22,6 +22,7 @@ def train_defaults() -> ml_collections.ConfigDict:
   c.progress = True  # Show a progress bar (loss, tokens/s).
   c.async_checkpointing = True  # Save checkpoints in a background thread.
   c.profile_steps = ""  # "A:B": a jax.profiler trace of steps A to B in WORKDIR/profile/.
+  c.init_from = ""  # A new run's params: "" fresh | hf:FOLDER | workdir:DIR (see init_from.py).
   return c
 
 
@@ -51,8 +52,27 @@ def profile_range(spec: str) -> tuple[int, int] | None:
   return first_step, last_step
 
 
+# What `train.init_from` may name, "KIND:PATH": each KIND with what its PATH is.
+INIT_SOURCES = {
+  "hf": "FOLDER (a Hugging Face checkpoint folder)",
+  "workdir": "DIR (another run's workdir: its newest checkpoint)",
+}
+
+
+def init_source(spec: str) -> tuple[str, str] | None:
+  """`train.init_from` as (kind, path), None when empty; ValueError naming the fix."""
+  if not spec.strip():
+    return None
+  kind, sep, path = spec.strip().partition(":")
+  if not sep or kind not in INIT_SOURCES or not path.strip():
+    kinds = ", ".join(f"{k}:{what}" for k, what in INIT_SOURCES.items())
+    raise ValueError(f"train.init_from={spec!r} must be {kinds}, or empty for a fresh init")
+  return kind, path.strip()
+
+
 def validate_train(t: ml_collections.ConfigDict) -> None:
   """Checks the `train.*` section; raises ValueError naming the fix."""
+  init_source(t.init_from)
   profile = profile_range(t.profile_steps)
   if profile and profile[1] > t.steps:
     raise ValueError(

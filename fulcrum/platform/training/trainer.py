@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from fulcrum.platform import sections
 from fulcrum.platform import workdir as workdir_lib
 from fulcrum.platform.errors import UserError
-from fulcrum.platform.training import sharding, telemetry
+from fulcrum.platform.training import init_from, sharding, telemetry
 from fulcrum.platform.training.checkpoint import Checkpointer
 from fulcrum.platform.training.experiment import (
   Experiment,
@@ -181,14 +181,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
 
   The workdir is locked for the run; config.json is written once the checkpoints are checked.
   """
+  return run(config, workdir)[0]
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: str | Path, *, initial_params: Any = None
+) -> tuple[dict[str, Any], TrainState]:
+  """`train`, returning the final train state too (SPIN generates from it next).
+
+  Args:
+    initial_params: parameters (in memory, e.g. the previous SPIN iteration's) that a run with
+      no checkpoint yet starts from, instead of a fresh init; a resumed run ignores them.
+  """
+  config = init_from.resolve_config(config, workdir)  # model.* of train.init_from's source.
   sections.validate(config)
   sharding.maybe_initialize_distributed()
   workdir = workdir_lib.prepare(workdir, config)
   with workdir_lib.Lock(workdir):
-    return _run(config, workdir)
+    return _run(config, workdir, initial_params)
 
 
-def _run(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
+def _run(config: ml_collections.ConfigDict, workdir, initial_params) -> tuple[dict, TrainState]:
   t = config.train
   exp = build_experiment(config)
   dp = sharding.data_parallel_size(exp.mesh)
@@ -211,6 +224,14 @@ def _run(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
     restored = ckpt.restore_latest(exp.abstract_state)
     if restored is None:
       state, start = exp.init_state(), 0
+      if initial_params is not None:
+        # The optimizer state stays as initialised: it depends on shapes only (zero moments).
+        params = init_from.with_fresh_adapters(
+          initial_params, state.params, exp.abstract_state.params, "the given parameters"
+        )
+        state = state.replace(params=jax.device_put(params, exp.state_sharding.params))
+      else:
+        state = init_from.initial_state(config, exp, state)  # train.init_from's params, if any.
     else:
       start, state, data_state = restored
       if data_state is not None:  # None: a checkpoint from before per-process data states.
@@ -302,4 +323,4 @@ def _run(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
     last.update(evaluate_params(exp, state.params, eval_batches, eval_step))
   last["step"] = step
   last["workdir"] = str(workdir)
-  return last
+  return last, state

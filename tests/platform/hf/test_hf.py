@@ -266,7 +266,8 @@ def test_transformers_4_config_keys(loaded, tmp_path):
 def test_save_load_round_trip_is_exact(loaded, tmp_path, name, model_type):
   model, params = loaded[name]
   out = hf.save_pretrained(model, params, tmp_path / "out")
-  assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+  names = ["config.json", "generation_config.json", "model.safetensors"]
+  assert sorted(p.name for p in out.iterdir()) == names
   config = json.loads((out / "config.json").read_text())
   assert config["model_type"] == model_type and config["architectures"][0].startswith(
     model_type.capitalize()

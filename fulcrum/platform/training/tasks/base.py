@@ -68,3 +68,9 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
     """Metrics (without the `eval/` prefix) from statistics summed over an eval set."""
+
+  def generative_metrics(self, model, params) -> dict[str, float]:
+    """Metrics (without the `eval/` prefix) that need the model to generate, outside the jitted
+    eval step (e.g. exact match of decoded answers); none by default."""
+    del model, params
+    return {}

@@ -1,4 +1,10 @@
-"""Language modelling (`task = "lm"`): next-byte prediction on a text corpus."""
+"""Language modelling (`task = "lm"`): next-token prediction on a text corpus.
+
+Tokens come from `data.tokenizer` (bytes by default, or a Hugging Face tokenizer.json). Eval
+reports `loss` (nats per token), `perplexity` (per token) and `bits_per_byte`: the summed nats
+over the UTF-8 bytes the targets stand for (`target_bytes` of the eval batches; an EOS counts
+one byte), / ln 2 — so it compares across tokenizers, and equals loss / ln 2 for bytes.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +13,21 @@ import math
 import jax.numpy as jnp
 
 from fulcrum.platform import data as data_lib
-from fulcrum.platform.errors import UserError
+from fulcrum.platform.data import tokenizer as tokenizer_lib
 from fulcrum.platform.training.tasks.base import Task, cross_entropy
 
 LN2 = math.log(2.0)
 
 
 class LanguageModelling(Task):
-  """Next-byte prediction on a text corpus (the built-in stdlib corpus, text files or TFDS)."""
+  """Next-token prediction on a text corpus (the built-in stdlib corpus, text files or TFDS)."""
 
   name = "lm"
 
   @classmethod
   def check_config(cls, config):
-    vocab = data_lib.ByteTokenizer.vocab_size
-    if config.model.vocab_size < vocab:
-      raise UserError(
-        f"model.vocab_size={config.model.vocab_size} is smaller than the byte tokenizer's "
-        f"{vocab} tokens (larger ids would have no embedding); set model.vocab_size={vocab} "
-        "or more"
-      )
+    tokenizer = tokenizer_lib.get_tokenizer(config.data.tokenizer)
+    tokenizer_lib.check_vocab(tokenizer, config.model.vocab_size)
 
   def example_inputs(self):
     return (jnp.zeros((1, min(self.config.train.seq_len, 8)), jnp.int32),)
@@ -54,22 +55,23 @@ class LanguageModelling(Task):
     return {"": batches}
 
   def summary(self):
-    return data_lib.data_config_summary(self.config.data)
+    text = data_lib.data_config_summary(self.config.data)
+    spec = self.config.data.tokenizer
+    return text if spec == tokenizer_lib.BYTES else f"{text}; tokenizer {spec}"
 
   def loss(self, outputs, batch):
     return cross_entropy(outputs, batch["targets"], batch.get("weights"))
 
   def eval_sums(self, outputs, batch):
     loss, count = cross_entropy(outputs, batch["targets"], batch.get("weights"))
-    return {"loss": loss * count, "count": count}
+    return {"loss": loss * count, "count": count, "bytes": batch["target_bytes"].sum()}
 
   def eval_metrics(self, sums):
     loss = sums["loss"] / max(sums["count"], 1.0)
     return {
       "loss": loss,
       "perplexity": math.exp(min(loss, 80.0)),
-      # Byte-level tokens: one token per byte, so nats/token / ln 2 = bits per byte.
-      "bits_per_byte": loss / LN2,
+      "bits_per_byte": sums["loss"] / max(sums["bytes"], 1.0) / LN2,
     }
 
 

@@ -1,0 +1,98 @@
+"""SPIN's training task (`task = "spin"`): one iteration's gold/generated pairs.
+
+A SPIN run (`fulcrum.platform.selfplay.driver`) trains each iteration as an ordinary run of this
+task in `WORKDIR/iterations/T/`, whose `spin.pairs` names the pairs file the driver wrote there.
+Batches hold both sides of each pair and the opponent's cached log-probs; the model runs once on
+the 2b rows. Evaluation is the instruct task's (`eval/exact_match`, response bits per byte).
+"""
+
+from __future__ import annotations
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from fulcrum.platform.data.pipeline import ResumableIterator, per_host_batch_size
+from fulcrum.platform.errors import UserError
+from fulcrum.platform.selfplay import pairs as pairs_lib
+from fulcrum.platform.selfplay.loss import margin, sequence_logprobs, spin_loss
+from fulcrum.platform.training.tasks.instruction_following import Instruct
+
+
+class _Pairs:
+  """Random access to the pairs: example i is row i of every array."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self.arrays = arrays
+    self.size = len(arrays["opponent_real"])
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return {k: v[i] for k, v in self.arrays.items()}
+
+
+class Spin(Instruct):
+  """Self-play fine-tuning on stored pairs (the loss in `selfplay.loss`)."""
+
+  name = "spin"
+
+  @classmethod
+  def check_config(cls, config):
+    super().check_config(config)
+    path = config.spin.pairs
+    if path and not epath.Path(path).exists():
+      raise UserError(
+        f"spin.pairs={path} does not exist; the SPIN driver writes it (run the spin recipe's "
+        "top-level workdir, not an iteration's)"
+      )
+
+  def _arrays(self) -> dict[str, np.ndarray]:
+    if not self.config.spin.pairs:
+      raise UserError(
+        "this is a SPIN run's top-level config; its iterations train in WORKDIR/iterations/T"
+      )
+    arrays, _ = pairs_lib.load(self.config.spin.pairs)
+    return arrays
+
+  def train_iterator(self, process_index, process_count):
+    t = self.config.train
+    arrays = self._arrays()
+    per_host = per_host_batch_size(t.batch_size, process_index, process_count)
+    source = _Pairs(arrays)
+    ds = grain.MapDataset.source(source).shuffle(seed=t.seed % 2**32).repeat()
+    ds = ds[process_index::process_count].batch(per_host, drop_remainder=True)
+    fingerprint = {
+      "source": f"spin pairs {self.config.spin.pairs}",
+      "num_pairs": len(source),
+      "seq_len": t.seq_len,
+      "batch_size": t.batch_size,
+      "seed": t.seed,
+      "process_index": process_index,
+      "process_count": process_count,
+    }
+    return ResumableIterator(iter(ds), fingerprint)
+
+  def model_inputs(self, batch):
+    if "real_inputs" not in batch:  # Instruct eval batches.
+      return super().model_inputs(batch)
+    return (jnp.concatenate([batch["real_inputs"], batch["generated_inputs"]]),)
+
+  def loss(self, outputs, batch):
+    if "real_inputs" not in batch:
+      return super().loss(outputs, batch)
+    s = self.config.spin
+    b = batch["real_inputs"].shape[0]
+    targets = jnp.concatenate([batch["real_targets"], batch["generated_targets"]])
+    weights = jnp.concatenate([batch["real_weights"], batch["generated_weights"]])
+    logp, counts = sequence_logprobs(outputs, targets, weights)
+    h = margin(logp[:b], logp[b:], batch["opponent_real"], batch["opponent_generated"], s.beta)
+    loss = spin_loss(h, s.loss).mean()
+    if s.nll_weight:
+      loss = loss - s.nll_weight * logp[:b].sum() / jnp.maximum(counts[:b].sum(), 1.0)
+    return loss, jnp.asarray(b, jnp.float32)
+
+
+TASK = Spin

@@ -1,0 +1,29 @@
+"""SPIN (Chen et al. 2024): self-play fine-tuning of the `instruct_sft` model, 3 iterations.
+
+Each iteration samples the current model's answers to 2,048 training prompts (temperature 0.8,
+top-p 0.95, from the weights in memory), stores the opponent's log-probs of gold and generated
+answers, and trains 200 steps on the SPIN loss (β = 0.1, logistic). The model and tokenizer
+come from the SFT workdir. Expected: see `benchmarks/results/spin.md` (per-iteration held-out
+exact match against SFT and continued SFT).
+
+  fulcrum train --recipe instruct_sft --workdir runs/instruct_sft
+  fulcrum train --recipe spin --workdir runs/spin --set spin.init_from=runs/instruct_sft
+"""
+
+from fulcrum.recipes._bases import instruct_config
+
+
+def get_config():
+  c = instruct_config()
+  c.task = "spin"
+  c.spin.init_from = "runs/instruct_sft"
+  c.spin.iterations = 3
+  c.spin.num_prompts = 2048
+  c.spin.steps = 200
+  c.train.batch_size = 32  # Pairs per step: 64 sequences through the model.
+  c.train.eval_every = 0  # Each iteration's run evaluates at its end.
+  c.train.checkpoint_every = 100
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.warmup_steps = 20  # 10% of an iteration, as the paper's warmup ratio.
+  c.optimizer.weight_decay = 0.0  # The official runs use none.
+  return c
