@@ -34,7 +34,9 @@ def test_config_prints_the_resolved_config(cli):
   assert config["model"]["arch"] == "mamba"
   assert config["train"]["steps"] == 7
   assert config["model"]["d_model"] == 192  # The demo recipe's own value.
-  assert set(config) == {"task", "train", "model", "optimizer", "data", "decode", "mesh", "log"}
+  assert set(config) == {
+    "task", "train", "model", "optimizer", "data", "decode", "mesh", "log", "spin"
+  }  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 from tests.conftest import REPO, UNOPTIMISED_ENV, tiny_overrides
+from tests.platform.selfplay.test_spin import TINY
 
 
 def execute(name: str, overrides: list[str], workdir: Path, monkeypatch) -> tuple[str, bool]:
@@ -54,6 +55,20 @@ def test_efficient_training_runs(tiny_corpus, tmp_path, monkeypatch):
   assert "÷ AdamW" in text and plotted
 
 
+def test_self_play_runs(tmp_path, monkeypatch):
+  overrides = {**TINY, "data.data_dir": str(tmp_path / "tfds"), "train.steps": 4}
+  overrides |= {"data.instruct_eval_prompts": 8, "train.eval_batches": 1}
+  spin = {"spin.iterations": 1, "spin.num_prompts": 8, "spin.steps": 2}
+  monkeypatch.setenv("FULCRUM_NOTEBOOK_SPIN", ";".join(f"{k}={v}" for k, v in spin.items()))
+  text, plotted = execute(
+    "self_play.ipynb", [f"{k}={v}" for k, v in overrides.items()], tmp_path / "runs", monkeypatch
+  )
+  assert "SFT exact match" in text and "| SPIN iteration 0 |" in text and plotted
+  assert "SPIN iteration 1" not in text  # FULCRUM_NOTEBOOK_SPIN reached the spin run.
+  assert (tmp_path / "runs" / "spin" / "iterations" / "0" / "spin.json").exists()
+  assert "(right)" in text or "(wrong)" in text  # The final model answered.
+
+
 @pytest.fixture
 def sync_notebooks():
   path = REPO / "scripts" / "sync_notebooks.py"
@@ -93,6 +108,7 @@ def test_sync_finds_and_mends_a_stale_notebook(sync_notebooks, tmp_path, monkeyp
     "quickstart.ipynb: the first cell is not its Open in Colab badge",
     "quickstart.ipynb: the first code cell is not notebooks/install_cell.py",
     "quickstart.ipynb: the metadata is not the Colab TPU runtime",
+    "self_play.ipynb: the first code cell is not notebooks/install_cell.py",
   ]
   assert sync_notebooks.main([]) == 1  # The notebooks mended; JAX_MIN is for a person to fix.
   assert sync_notebooks.problems() == ["install_cell.py: JAX_MIN is not pyproject's jax>=0.7"]

@@ -137,8 +137,9 @@ def run(quick: bool = False) -> dict:
   sft_minutes = (time.perf_counter() - start) / 60
 
   spin_config = _config("spin", quick, {"spin.init_from": str(sft_dir)})
+  spin_dir = workdir_lib.resolve(base / "spin")
   start = time.perf_counter()
-  spin_result = driver.run(spin_config, base / "spin")
+  spin_result = driver.run(spin_config, spin_dir)
   spin_minutes = (time.perf_counter() - start) / 60
   s = spin_config.spin
 
@@ -185,7 +186,9 @@ def run(quick: bool = False) -> dict:
     "generation_tokens_per_s": float(
       np.mean([r["spin/generation_tokens_per_s"] for r in rows if r["iteration"] >= 0])
     ),
-    "spin_step_peak_bytes": _step_peak(driver.iteration_config(spin_config, 0, base), True),
+    "spin_step_peak_bytes": _step_peak(
+      driver.iteration_config(driver.with_source_model(spin_config), 0, spin_dir), True
+    ),
     "sft_step_peak_bytes": _step_peak(sft_config, False),
     "rows": rows,
     "settings": {
@@ -196,7 +199,6 @@ def run(quick: bool = False) -> dict:
       "params": sum(x.size for x in jax.tree.leaves(sft_state.params)),
     },
     "minutes": {"sft": sft_minutes, "spin": spin_minutes},
-    "generation_compiled": True,  # `generate` is one lax.while_loop per call (decode/loop.py).
   }
   result["step_peak_ratio"] = (
     result["spin_step_peak_bytes"] / result["sft_step_peak_bytes"]

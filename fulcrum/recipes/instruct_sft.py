@@ -15,7 +15,7 @@ from fulcrum.recipes._bases import instruct_config
 
 def get_config():
   c = instruct_config()
-  c.train.steps = 3000
+  c.train.steps = 2000
   c.train.eval_every = 1000
   c.train.checkpoint_every = 500
   return c

@@ -2,7 +2,8 @@
 
 Each iteration samples the current model's answers to 2,048 training prompts (temperature 0.8,
 top-p 0.95, from the weights in memory), stores the opponent's log-probs of gold and generated
-answers, and trains 200 steps on the SPIN loss (β = 0.1, logistic). The model and tokenizer
+answers, and trains 200 steps on the SPIN loss (β = 0.1, logistic, plus the NLL of the gold
+answers, `spin.nll_weight` = 1). The model and tokenizer
 come from the SFT workdir. Expected: see `benchmarks/results/spin.md` (per-iteration held-out
 exact match against SFT and continued SFT).
 
@@ -26,4 +27,7 @@ def get_config():
   c.optimizer.learning_rate = 1e-4
   c.optimizer.warmup_steps = 20  # 10% of an iteration, as the paper's warmup ratio.
   c.optimizer.weight_decay = 0.0  # The official runs use none.
+  # The NLL term on y: without it both log p(y) and log p(y') fell and exact match dropped
+  # (0.357 -> 0.285 in iteration 0); with it, 0.357 -> 0.415 (measured from one SFT checkpoint).
+  c.spin.nll_weight = 1.0
   return c

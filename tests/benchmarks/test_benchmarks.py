@@ -264,3 +264,28 @@ def test_attribution_tables_cover_every_architecture_and_method(monkeypatch):
   assert "| random ordering | 0.500 | 0.300 | — | — |" in md
   assert "' ' 3.00" in md  # The explained byte and F(x) − F(pad).
   assert "| hidden_attention | — | 0" in md  # Not on the transformer; on mamba.
+
+
+def test_spin_bench_reports_every_key(tmp_path, monkeypatch):
+  """`bench spin --quick` end to end on a tiny model: SFT, SPIN, the continued-SFT control, test
+  exact match and step memory (the numbers are not goals at this size)."""
+  import jax
+
+  from fulcrum.benchmarks import bench_spin
+
+  monkeypatch.setattr(bench_spin, "RUNS", tmp_path / "runs")
+  monkeypatch.setenv("FULCRUM_DATA_DIR", str(tmp_path / "tfds"))
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    r = bench_spin.run(quick=True)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+  for key in ("sft_exact_match", "sft_continued_exact_match", "exact_match_ci95", "gain_ci95"):
+    assert 0.0 <= r[key] <= 1.0, key
+  assert len(r["spin_exact_match"]) == len(r["rows"]) - 1 == 2
+  assert r["generation_tokens_per_s"] > 0
+  # Two sequences per pair through the same model, no second model: more than an SFT step,
+  # well under three.
+  assert 1.0 < r["spin_step_peak_bytes"] / r["sft_step_peak_bytes"] < 3.0
+  assert "SPIN iteration 1" in r["markdown"]

@@ -36,6 +36,7 @@ from fulcrum.platform.files import write_atomic
 from fulcrum.platform.selfplay import pairs as pairs_lib
 from fulcrum.platform.selfplay.loss import margin
 from fulcrum.platform.training import init_from, trainer
+from fulcrum.platform.training.experiment import build_experiment
 from fulcrum.platform.training.tasks import instruction_following as instruct_task
 
 log = logging.getLogger("fulcrum")
@@ -63,7 +64,11 @@ def with_source_model(config: ml_collections.ConfigDict) -> ml_collections.Confi
   probe = copy.deepcopy(config)
   with probe.unlocked():
     probe.train.init_from = f"workdir:{config.spin.init_from}"
-  out = init_from.resolve_config(probe)
+  try:
+    out = init_from.resolve_config(probe)
+  except UserError as e:  # Name the key the user set, not the probe's.
+    key = f"spin.init_from={config.spin.init_from}"
+    raise UserError(str(e).replace(f"train.init_from={probe.train.init_from}", key, 1)) from None
   with out.unlocked():
     out.train.init_from = ""  # Iterations start from parameters in memory, not from a source.
     if "tokenizer" in sft.data:
@@ -101,6 +106,18 @@ def _write_json(path: epath.Path, value: dict[str, Any]) -> None:
 def _load_params(workdir: epath.Path):
   _, state, _ = workdir_lib.load(workdir)
   return state.params
+
+
+def _source_params(config: ml_collections.ConfigDict, source: epath.Path):
+  """θ_0: the SFT run's newest params placed into this run's model as `train.init_from=workdir:`
+  places them (this run's `scan_layers` layout; fresh LoRA adapters when this run adds them),
+  not in the SFT run's own layout, which this run's model may not read."""
+  probe = copy.deepcopy(config)
+  with probe.unlocked():
+    probe.train.init_from = f"workdir:{source}"
+  exp = build_experiment(probe)
+  fresh = exp.init_state().params if config.model.lora_rank else None
+  return init_from.initial_params(probe, exp, fresh)
 
 
 def _pair_stats(model, params, arrays, beta: float) -> dict[str, float]:
@@ -182,7 +199,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
   source, _ = _source_config(config)
   workdir = workdir_lib.prepare(workdir, config)
   with workdir_lib.Lock(workdir):
-    params = _load_params(source)  # θ_0, checked before anything is written.
+    params = _source_params(config, source)  # θ_0, checked before anything is written.
     workdir_lib.accept(workdir, config)
     return _iterate(config, workdir, source, params)
 

@@ -9,6 +9,7 @@ resumed iteration trains on exactly the same pairs and no second model is kept i
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections.abc import Sequence
@@ -49,6 +50,7 @@ def _rows(prompts, responses, seq_len) -> dict[str, np.ndarray]:
   return {k: np.stack([e[i] for e in encoded]) for i, k in enumerate(ROW_KEYS)}
 
 
+@functools.cache  # One compiled scorer per model (modules are hashable values).
 def _score_fn(model):
   @jax.jit
   def score(params, inputs, targets, weights):

@@ -31,6 +31,7 @@ from fulcrum.modules import ModelConfig
 from fulcrum.modules.blocks import BLOCK_ARCHS, layer_paths
 from fulcrum.platform import sections
 from fulcrum.platform import workdir as workdir_lib
+from fulcrum.platform.data import tokenizer as tokenizer_lib
 from fulcrum.platform.errors import UserError
 from fulcrum.platform.hf.pretrained import place_pretrained, pretrained_config
 from fulcrum.platform.optim.lora import ADAPTERS
@@ -71,7 +72,9 @@ def resolve_config(
   Every `model.*` key but `RUN_KEYS` and `lora_*` becomes the source's: for `hf:` the
   checkpoint's config.json (through its family's converter, other keys at their defaults),
   for `workdir:` that run's config.json. A value of the run's that differs (a recipe default
-  or a `--set`: they cannot be told apart) is replaced, with a warning naming it.
+  or a `--set`: they cannot be told apart) is replaced, with a warning naming it. An `hf:`
+  checkpoint folder with a tokenizer.json also sets `data.tokenizer` when it is `bytes` (the
+  default): a fine-tune takes the checkpoint's tokenizer.
 
   Args:
     config: the run's config (not modified).
@@ -104,6 +107,12 @@ def resolve_config(
       resolved.model[key] = model[key]
   if changed:
     log.warning("train.init_from=%s sets model.%s", config.train.init_from, "; ".join(changed))
+  if kind == "hf" and resolved.data.get("tokenizer") == tokenizer_lib.BYTES:
+    # A checkpoint's own tokenizer is the default: its ids are what the weights were trained on.
+    folder = epath.Path(path).expanduser().absolute()
+    if (folder / "tokenizer.json").exists():
+      resolved.data.tokenizer = f"{tokenizer_lib.HF_PREFIX}{folder}"
+      log.warning("train.init_from=%s sets data.tokenizer=%s", config.train.init_from, folder)
   if config.is_locked:
     resolved.lock()
   return resolved

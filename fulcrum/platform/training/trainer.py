@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from fulcrum.platform import sections
 from fulcrum.platform import workdir as workdir_lib
 from fulcrum.platform.errors import UserError
+from fulcrum.platform.optim import lora
 from fulcrum.platform.training import init_from, sharding, telemetry
 from fulcrum.platform.training.checkpoint import Checkpointer
 from fulcrum.platform.training.experiment import (
@@ -47,7 +48,12 @@ def make_train_step(exp: Experiment):
   model, tx, schedule, task = exp.model, exp.tx, exp.schedule, exp.task
   accum = exp.config.train.grad_accum_steps
 
+  lora_only = exp.config.model.lora_rank > 0
+
   def loss_fn(params, batch, rng):
+    if lora_only:  # Frozen base weights: no gradient is computed for them (zeros), only adapters'.
+      frozen = lambda p, train: p if train else jax.lax.stop_gradient(p)
+      params = jax.tree.map(frozen, params, lora.trainable_mask(params))
     outputs = model.apply({"params": params}, *task.model_inputs(batch), rngs={"dropout": rng})
     return task.loss(outputs, batch)
 
@@ -245,8 +251,13 @@ def _run(config: ml_collections.ConfigDict, workdir, initial_params) -> tuple[di
     raise
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  trained = f" ({lora.adapter_count(state.params) / 1e6:.3f}M LoRA adapters trained)"
   log.info(
-    "model: %s, %.2fM parameters; mesh %s", config.model.arch, n_params / 1e6, dict(exp.mesh.shape)
+    "model: %s, %.2fM parameters%s; mesh %s",
+    config.model.arch,
+    n_params / 1e6,
+    trained if config.model.lora_rank else "",
+    dict(exp.mesh.shape),
   )
   train_step = jit_train_step(exp)
   eval_step = jax.jit(make_eval_step(exp))

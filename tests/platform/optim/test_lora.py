@@ -236,3 +236,47 @@ def test_save_pretrained_writes_the_adapted_model(tmp_path, scan):
   model, loaded = hf.load_pretrained(tmp_path)
   assert model.config.lora_rank == 0
   np.testing.assert_allclose(logits(model, loaded), logits(adapted, params), rtol=1e-5, atol=1e-5)
+
+
+def test_the_train_step_differentiates_only_the_adapters():
+  """The trainer's step under LoRA: the base weights are constants (no gradient is computed for
+  them), so its grad_norm is the adapters' gradient norm and the base weights stay put."""
+  from fulcrum import recipes
+  from fulcrum.platform import config as config_lib
+  from fulcrum.platform.training import trainer
+
+  c = recipes.get("synthetic_induction_heads")
+  config_lib.apply_overrides(
+    c,
+    ["train.batch_size=4", "train.seq_len=16", "data.length=16", "model.d_model=16"]
+    + ["model.num_layers=1", "model.lora_rank=4", "optimizer.warmup_steps=0"],
+  )
+  exp = trainer.build_experiment(c)
+  state = exp.init_state()
+  batch = trainer.global_batch(exp, next(exp.task.train_iterator(0, 1)))
+
+  def loss(p):
+    out = exp.model.apply({"params": p}, *exp.task.model_inputs(batch))
+    return exp.task.loss(out, batch)[0]
+
+  grads = jax.grad(loss)(state.params)
+  adapters = [
+    g
+    for g, m in zip(
+      jax.tree.leaves(grads), jax.tree.leaves(lora.trainable_mask(grads)), strict=True
+    )
+    if m
+  ]
+  before = jax.device_get(state.params)
+  with exp.activate():
+    new, metrics = trainer.jit_train_step(exp)(state, batch)
+  np.testing.assert_allclose(
+    float(metrics["grad_norm"]), float(optax.tree.norm(adapters)), rtol=1e-5
+  )
+  assert float(metrics["grad_norm"]) < float(optax.tree.norm(grads))  # Base grads were left out.
+  mask = jax.tree.leaves(lora.trainable_mask(before))
+  for old, now, trained in zip(
+    jax.tree.leaves(before), jax.tree.leaves(new.params), mask, strict=True
+  ):
+    if not trained:
+      np.testing.assert_array_equal(old, np.asarray(now))

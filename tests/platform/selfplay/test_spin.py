@@ -151,3 +151,31 @@ def test_an_iteration_config_cannot_run_without_its_pairs(sft):
   config = driver.iteration_config(_spin_config(sft), 0, workdir_lib.resolve(sft / "nope"))
   with pytest.raises(UserError, match="spin.pairs"):
     trainer.train(config, sft / "nope" / "iterations" / "0")
+
+
+def test_generation_is_one_compiled_call_per_chunk(sft, monkeypatch):
+  """y' for every prompt of a chunk comes from one call of the compiled decode loop (a
+  lax.while_loop over tokens): no Python runs per token."""
+  from fulcrum.platform.data import instruct_pipeline
+  from fulcrum.platform.training.tasks import instruction_following as task
+
+  config = _config("instruct_sft", sft)
+  exp, state, _ = workdir_lib.load(sft / "sft")
+  problems = instruct_pipeline.eval_problems(config.data, "validation", 12)
+  calls = []
+  real = task.generate
+
+  def counting(*args, **kwargs):
+    out = real(*args, **kwargs)
+    calls.append(int(out.lengths.sum()))
+    return out
+
+  monkeypatch.setattr(task, "generate", counting)
+  texts, ids, _ = task.answers(exp.model, state.params, task.get_tokenizer(config), problems,
+                               max_new_tokens=8)  # fmt: skip
+  assert len(calls) == 1 and calls[0] == sum(len(i) for i in ids) > len(problems)
+  monkeypatch.setattr(task, "ANSWER_BATCH", 5)
+  texts_chunked, _, _ = task.answers(
+    exp.model, state.params, task.get_tokenizer(config), problems, max_new_tokens=8
+  )
+  assert len(calls) == 1 + 3 and texts_chunked == texts  # 12 prompts in chunks of 5: 3 calls.

@@ -110,9 +110,18 @@ def test_resolve_config_takes_the_checkpoints_model(caplog):
   assert init_from.resolve_config(fresh) is fresh  # No source: nothing to resolve.
 
 
+def test_an_hf_source_with_a_tokenizer_gives_the_run_its_tokenizer(tmp_path):
+  folder = tmp_path / "ckpt"
+  shutil.copytree(FIXTURES / "tiny_llama", folder)
+  config = synthetic_config(f"train.init_from=hf:{folder}")
+  assert init_from.resolve_config(config).data.tokenizer == "bytes"  # No tokenizer.json there.
+  shutil.copy(REPO / "tests" / "fixtures" / "tokenizer" / "tokenizer.json", folder)
+  assert init_from.resolve_config(config).data.tokenizer == f"hf:{folder}"
+  config = synthetic_config(f"train.init_from=hf:{folder}", f"data.tokenizer=hf:{REPO}")
+  assert init_from.resolve_config(config).data.tokenizer == f"hf:{REPO}"  # The run's choice.
+
+
 def test_resolve_config_keeps_lora_keys():
-  if "lora_rank" not in sections.model_defaults():
-    pytest.skip("needs model.lora_rank")
   config = synthetic_config(f"train.init_from=hf:{FIXTURES / 'tiny_llama'}", "model.lora_rank=4")
   assert init_from.resolve_config(config).model.lora_rank == 4
 
