@@ -210,14 +210,22 @@ def _iterate(config, workdir, source, params) -> dict[str, Any]:
   tokenizer = instruct_task.get_tokenizer(config)
   problems = instruct_task.Instruct(config).eval_problems()
   sft = _read_json(workdir / "sft.json")
+  source_step = init_from.newest_step(str(source))
   if sft is None:
     sft = {
       "iteration": -1,
       "step": 0,
       "source": str(source),
+      "source_step": source_step,
       "eval/exact_match": instruct_task.exact_match(model, params, tokenizer, problems),
     }
     _write_json(workdir / "sft.json", sft)
+  elif sft.get("source_step", source_step) != source_step:
+    # The iterations here started from another θ_0: resuming them from this one would mix runs.
+    raise UserError(
+      f"{workdir} started SPIN from step {sft['source_step']} of {source}, which now holds step "
+      f"{source_step}; use a new --workdir (or the original checkpoint)"
+    )
   rows = [sft]
   log.info("spin: θ_0 (%s) exact match %.3f", source, sft["eval/exact_match"])
   for t in range(s.iterations):

@@ -44,6 +44,7 @@ __all__ = [
   "initial_params",
   "initial_state",
   "resolve_config",
+  "newest_step",
   "source",
   "with_fresh_adapters",
 ]
@@ -137,7 +138,7 @@ def _hf_model(path: str) -> dict[str, Any]:
 
 def _workdir_model(path: str) -> dict[str, Any]:
   model = workdir_lib.read_config(path).model.to_dict()
-  _newest_step(path)  # Refuse a run without checkpoints before this one starts.
+  newest_step(path)  # Refuse a run without checkpoints before this one starts.
   return model
 
 
@@ -219,7 +220,8 @@ def _reader(path: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
-def _newest_step(path: str) -> int:
+def newest_step(path: str) -> int:
+  """The step of the newest checkpoint in workdir `path` (UserError when it has none)."""
   reader = _reader(path)
   try:
     steps = reader.all_steps()
@@ -259,7 +261,7 @@ def _restore_params(
   Restored straight into those shardings; when the source stacks its layers otherwise
   (`scan_layers`), each layer is restored sharded like its target and restacked on device.
   """
-  step = _newest_step(path)
+  step = newest_step(path)
   where = f"{path} (step {step})"
   reader = _reader(path)
   try:

@@ -179,3 +179,18 @@ def test_generation_is_one_compiled_call_per_chunk(sft, monkeypatch):
     exp.model, state.params, task.get_tokenizer(config), problems, max_new_tokens=8
   )
   assert len(calls) == 1 + 3 and texts_chunked == texts  # 12 prompts in chunks of 5: 3 calls.
+
+
+def test_a_source_trained_further_is_refused_not_mixed(tmp_path):
+  """Iterations started from θ_0 at one step of the SFT run; after the SFT run trains on, a
+  resume would start later iterations from another model: refused, nothing written."""
+  sft = _config("instruct_sft", tmp_path, **{"train.steps": 4, "train.checkpoint_every": 4})
+  trainer.train(sft, tmp_path / "sft")
+  spin = _spin_config(tmp_path, **{"spin.iterations": 1, "spin.steps": 2})
+  launch.train(spin, tmp_path / "spin")
+  config_lib.apply_overrides(sft, ["train.steps=6"])
+  trainer.train(sft, tmp_path / "sft")
+  before = sorted(str(p) for p in (tmp_path / "spin").rglob("*"))
+  with pytest.raises(UserError, match="started SPIN from step 4 .* now holds step 6"):
+    launch.train(spin, tmp_path / "spin")
+  assert sorted(str(p) for p in (tmp_path / "spin").rglob("*")) == before
