@@ -43,8 +43,9 @@ def _tokens(problem: instruct.Problem, tokenizer: Any) -> tuple[np.ndarray, int]
   return tokens, len(prompt)
 
 
-def _padded(tokens: np.ndarray, prompt_len: int, seq_len: int) -> Example:
-  """The masked next-token example of `tokens` (len(tokens) <= seq_len + 1)."""
+def masked_row(tokens: np.ndarray, prompt_len: int, seq_len: int) -> Example:
+  """The masked next-token example of `tokens` (len(tokens) <= seq_len + 1): weights are 1 on
+  the targets after the first `prompt_len` tokens (SFT rows here, SPIN's pairs too)."""
   n = len(tokens) - 1  # Target positions used.
   inputs = np.full((seq_len,), _PAD_ID, np.int32)
   targets = np.full((seq_len,), _PAD_ID, np.int32)
@@ -77,7 +78,7 @@ def encode_example(problem: instruct.Problem, tokenizer: Any, seq_len: int) -> E
   tokens, prompt_len = _tokens(problem, tokenizer)
   if len(tokens) - 1 > seq_len:
     return None
-  return _padded(tokens, prompt_len, seq_len)
+  return masked_row(tokens, prompt_len, seq_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +127,7 @@ class _Pad(grain.transforms.Map):
   seq_len: int
 
   def map(self, row: tuple[np.ndarray, int]) -> Example:
-    return _padded(row[0], row[1], self.seq_len)
-
-
-def _tokenizer_label(tokenizer: Any) -> str:
-  return f"{type(tokenizer).__name__} ({tokenizer.vocab_size} ids, EOS {tokenizer.EOS_ID})"
+    return masked_row(row[0], row[1], self.seq_len)
 
 
 def train_iterator(
@@ -162,7 +159,6 @@ def train_iterator(
   Raises:
     UserError: bad data config, a batch size the hosts do not divide, or no problem fits.
   """
-  per_host = per_host_batch_size(batch_size, process_index, process_count)
   encoded = _encode_split(data_cfg, "train", tokenizer, seq_len, key="train.seq_len")
   if encoded.num_dropped:
     print(
@@ -170,21 +166,38 @@ def train_iterator(
       f"longer than train.seq_len={seq_len} tokens (the longest needs {encoded.longest})",
       file=sys.stderr,
     )
-  ds = grain.MapDataset.source(encoded.rows).shuffle(seed=seed % 2**32).repeat()
-  ds = ds[process_index::process_count].map(_Pad(seq_len)).batch(per_host, drop_remainder=True)
-  # Read in this thread: padding an in-memory row is cheaper than a hand-off to a worker.
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  source = grain.MapDataset.source(encoded.rows).map(_Pad(seq_len))
   fingerprint = {
     "source": f"instruct {instruct.Settings.from_config(data_cfg).config_name} [train]",
     "num_examples": len(encoded.rows),
-    "tokenizer": _tokenizer_label(tokenizer),
+    "tokenizer": tokenizer.spec,
     "seq_len": seq_len,
-    "batch_size": batch_size,
-    "seed": seed,
-    "process_index": process_index,
-    "process_count": process_count,
   }
-  return ResumableIterator(iter(ds), fingerprint)
+  return shuffled_batches(source, fingerprint, batch_size, seed, process_index, process_count)
+
+
+def shuffled_batches(
+  source: grain.MapDataset,
+  fingerprint: dict[str, Any],
+  batch_size: int,
+  seed: int,
+  process_index: int,
+  process_count: int,
+) -> ResumableIterator:
+  """In-memory examples shuffled by `seed` (anew each epoch), repeated, dealt to hosts and
+  batched: the checkpointable iterator of this host's `batch_size // process_count` rows.
+
+  `fingerprint` (what fixes the examples) is extended with the order's settings; a state saved
+  under other ones is refused on resume.
+  """
+  per_host = per_host_batch_size(batch_size, process_index, process_count)
+  ds = source.shuffle(seed=seed % 2**32).repeat()[process_index::process_count]
+  ds = ds.batch(per_host, drop_remainder=True)
+  # Read in this thread: grain's default 16 prefetch threads would hold the GIL through the
+  # train step's compile (3-4x slower on 2 cores), for rows already in memory.
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  order = dict(batch_size=batch_size, seed=seed, process_index=process_index)
+  return ResumableIterator(iter(ds), {**fingerprint, **order, "process_count": process_count})
 
 
 def eval_batches(

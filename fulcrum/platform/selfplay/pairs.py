@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from fulcrum.platform.data import instruct
+from fulcrum.platform.data import instruct, instruct_pipeline
 from fulcrum.platform.decode.autoregressive import Sample
 from fulcrum.platform.decode.sampling import Sampling
 from fulcrum.platform.files import write_atomic
@@ -36,13 +36,8 @@ def encode_row(prompt: np.ndarray, response: np.ndarray, seq_len: int):
   """(inputs, targets, weights) of prompt + response, cut to seq_len + 1 tokens and padded with
   0 (weight 0): weights are 1 on the targets that are response tokens."""
   tokens = np.concatenate([prompt, response]).astype(np.int32)[: seq_len + 1]
-  n = len(tokens) - 1
-  inputs = np.zeros((seq_len,), np.int32)
-  targets = np.zeros((seq_len,), np.int32)
-  weights = np.zeros((seq_len,), np.float32)
-  inputs[:n], targets[:n] = tokens[:-1], tokens[1:]
-  weights[max(len(prompt) - 1, 0) : n] = 1.0
-  return inputs, targets, weights
+  row = instruct_pipeline.masked_row(tokens, len(prompt), seq_len)
+  return tuple(row[k] for k in ROW_KEYS)
 
 
 def _rows(prompts, responses, seq_len) -> dict[str, np.ndarray]:
