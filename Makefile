@@ -7,9 +7,9 @@ RECIPE ?= lm_transformer
 WORKDIR ?= runs/$(RECIPE)
 ARGS ?=
 PROMPT ?= def __init__(self
-BENCH ?= train scan scaling decode_latency optim decode attribution spin  # BENCH=scan: just one
+BENCH ?= train scan scaling decode_latency optim decode attribution spin agents  # BENCH=scan: just one
 
-.PHONY: setup demo test train eval decode calibrate speculative kvquant attribute spin bench notebooks lint format clean
+.PHONY: setup demo test train eval decode calibrate speculative kvquant attribute spin agent bench notebooks lint format clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,12 @@ attribute: setup
 spin: setup
 	$(BIN)/fulcrum train --recipe instruct_sft --workdir runs/instruct_sft $(ARGS)
 	$(BIN)/fulcrum train --recipe spin --workdir runs/spin --set spin.init_from=runs/instruct_sft
+
+# A behaviour-cloned LM agent on the farming world's Lite tasks, then its held-out success rates
+# and one recorded episode (runs/agent_bc/episode.txt and .gif).
+agent: setup
+	$(BIN)/fulcrum train --recipe agent_bc --workdir runs/agent_bc $(ARGS)
+	$(BIN)/fulcrum agent eval --workdir runs/agent_bc --tasks lite --episodes 8 --record runs/agent_bc/episode
 
 bench: setup
 	for b in $(BENCH); do $(BIN)/fulcrum bench $$b --json || exit $$?; done

@@ -9,6 +9,8 @@
   fulcrum calibrate --workdir DIR [--method kvquant|int-token|int-channel] [--bits 2|3|4]
   fulcrum attribute --workdir DIR --input TEXT --method NAME [--out FILE] [--json]
   fulcrum bench NAME [--json] [--out DIR]
+  fulcrum agent eval --workdir DIR [--tasks lite|all|ID ...] [--episodes N] [--json]
+                     [--record PATH]
   fulcrum --version
 
 Every option list in `choices` is imported from the package that owns it. User errors exit
@@ -181,6 +183,17 @@ def _cmd_attribute(args) -> int:
   return 0
 
 
+def _cmd_agent_eval(args) -> int:
+  from fulcrum.platform.agents import evaluation
+
+  tasks = ",".join(args.tasks) if args.tasks else None
+  result = evaluation.evaluate_workdir(
+    args.workdir, tasks=tasks, episodes=args.episodes, record=args.record
+  )
+  print(json.dumps(result) if args.json else evaluation.render(result))
+  return 0
+
+
 def _cmd_bench(args) -> int:
   from fulcrum import benchmarks
 
@@ -194,6 +207,7 @@ def _cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from fulcrum.benchmarks import names as benchmark_names
   from fulcrum.platform.attribution import METHODS as ATTRIBUTION_METHODS
   from fulcrum.platform.decode import kv_calibration, speculative, strategies
 
@@ -279,8 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
   )
   a.set_defaults(fn=_cmd_attribute)
 
+  ag = sub.add_parser("agent", help="LM agents: evaluate a trained agent")
+  agent_sub = ag.add_subparsers(dest="agent_command", required=True, parser_class=_Parser)
+  ae = agent_sub.add_parser("eval", help="success rates of a trained agent on held-out seeds")
+  ae.add_argument("--workdir", required=True, type=_folder)
+  ae.add_argument("--tasks", nargs="+", help="lite, all, or task ids (default: the run's)")
+  ae.add_argument("--episodes", type=int, help="episodes per task (default: agent.eval_episodes)")
+  ae.add_argument("--json", action="store_true")
+  ae.add_argument("--record", metavar="PATH", help="write the first episode as PATH.txt/.gif")
+  ae.set_defaults(fn=_cmd_agent_eval)
+
   b = sub.add_parser("bench", help="run a benchmark (fulcrum/benchmarks/)")
-  b.add_argument("name", help="scan, train, scaling, decode_latency, optim, decode, attribution")
+  b.add_argument("name", help=", ".join(benchmark_names()))
   b.add_argument("--json", action="store_true")
   b.add_argument("--out", help="results folder (default: benchmarks/results/ in a checkout)")
   b.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")

@@ -7,11 +7,43 @@ import os
 import shutil
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_compilation_cache() -> None:
+  """One persistent XLA compilation cache per test session, shared by the xdist workers and the
+  `fulcrum` subprocesses they start (which inherit the environment): many tests compile the same
+  tiny programs in separate processes (measured: tests/platform/training/test_faults.py 79 s ->
+  65 s from a cold cache). A bounded size turns on the cache's file lock, which makes writes by
+  concurrent processes safe. A cache the user configured is left alone."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return
+  try:
+    import filelock  # noqa: F401  (the cache's lock)
+  except ImportError:
+    return
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+  settings = {
+    "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), f"fulcrum-xla-{run}"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(2**31),
+  }
+  os.environ.update(settings)
+  if "jax" in sys.modules:  # Imported before this file (a plugin): set it in process too.
+    import jax
+
+    for name, value in settings.items():
+      kind = type(jax.config.read(name.lower()))
+      jax.config.update(name.lower(), kind(value))
+
+
+_shared_compilation_cache()
 
 
 @pytest.fixture(scope="session")

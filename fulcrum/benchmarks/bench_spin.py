@@ -147,14 +147,18 @@ def _plot(result: dict) -> None:
   plt.close(fig)
 
 
-def run(quick: bool = False) -> dict:
-  base = RUNS / ("quick" if quick else "full")
-  sft_config = _config("instruct_sft", quick)
+def run(quick: bool = False, extra: dict | None = None, name: str | None = None) -> dict:
+  """Measures SPIN against its controls. `extra` settings apply to every run (e.g. a smaller
+  `data.instruct_train_size`); a `name` keeps the runs in runs/bench_spin/NAME and returns the
+  result without writing benchmarks/results (an experiment, not the benchmark)."""
+  base = RUNS / (name or ("quick" if quick else "full"))
+  extra = extra or {}
+  sft_config = _config("instruct_sft", quick, extra)
   sft_dir = base / "sft"
   _whole(trainer.train(sft_config, sft_dir), "the SFT run")
   sft_minutes = _step_minutes(sft_dir)
 
-  spin_config = _config("spin", quick, {"spin.init_from": str(sft_dir)})
+  spin_config = _config("spin", quick, {**extra, "spin.init_from": str(sft_dir)})
   spin_dir = workdir_lib.resolve(base / "spin")
   spin_result = _whole(driver.run(spin_config, spin_dir), "SPIN")
   s = spin_config.spin
@@ -164,6 +168,7 @@ def run(quick: bool = False) -> dict:
     "instruct_sft",
     quick,
     {
+      **extra,
       "train.steps": s.iterations * s.steps,
       "optimizer.learning_rate": spin_config.optimizer.learning_rate,
       "optimizer.warmup_steps": spin_config.optimizer.warmup_steps,
@@ -229,7 +234,7 @@ def run(quick: bool = False) -> dict:
   )
   result["significant"] = result["gain"] > result["gain_ci95"]
   md = _markdown(result, spin_result["table"])
-  if quick:
+  if quick or name:
     return {**result, "markdown": md}
   _plot(result)
   return write_results("spin", result, md)

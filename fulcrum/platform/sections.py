@@ -8,7 +8,8 @@
   decode      decode/strategies.py        `fulcrum decode` / `fulcrum calibrate` defaults
   mesh        training/train_config.py    device mesh axes
   log         training/metrics.py         TensorBoard, Weights & Biases
-  spin        selfplay/spin_config.py        SPIN iterations (read when task = spin)
+  spin        selfplay/spin_config.py     SPIN iterations (read when task = spin)
+  agent       agents/agent_config.py      LM agents: environment, tasks, interface, evaluation
 
 `base_config()` assembles them; `validate(config)` runs each owner's check. Recipes start from
 `base_config()` (through `fulcrum/recipes/_bases.py`).
@@ -20,6 +21,7 @@ import ml_collections
 
 from fulcrum.modules import ModelConfig, models
 from fulcrum.platform import config as config_lib
+from fulcrum.platform.agents import agent_config
 from fulcrum.platform.config import Section
 from fulcrum.platform.data import pipeline
 from fulcrum.platform.decode import strategies
@@ -47,6 +49,7 @@ SECTIONS: dict[str, Section] = {
   "mesh": Section(train_config.mesh_defaults, train_config.validate_mesh),
   "log": Section(metrics.config_defaults, metrics.validate_config),
   "spin": Section(spin_config.config_defaults, spin_config.validate_config),
+  "agent": Section(agent_config.config_defaults, agent_config.validate_config),
 }
 TOP_LEVEL = {"task": "lm"}  # What is trained: a task in fulcrum/platform/training/tasks/.
 

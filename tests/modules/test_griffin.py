@@ -21,6 +21,8 @@ from fulcrum.modules.griffin import (
 )
 from fulcrum.modules.scan import ScanImpl, linear_scan
 
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # Tiny programs, run briefly.
+
 BASE = dict(vocab_size=31, d_model=16, num_heads=2, window=3)
 B, T = 2, 10
 WIDTH, HEADS = 8, 2

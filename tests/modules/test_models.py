@@ -9,6 +9,8 @@ import pytest
 
 from fulcrum.modules import ModelConfig, models
 
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # Tiny programs, run briefly.
+
 TINY = dict(d_model=32, num_layers=1, num_heads=2)
 
 

@@ -31,6 +31,8 @@ from jax import export
 from fulcrum.modules import scan
 from fulcrum.modules.scan import ScanImpl, chunked, pallas
 
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # Tiny programs, run briefly.
+
 IMPLS = [ScanImpl.ASSOCIATIVE, ScanImpl.CHUNKED, ScanImpl.PALLAS]
 LENGTHS = [1, 7, 64, 300]  # 300: several chunks and Pallas time blocks, neither a multiple.
 B, D, E, N = 2, 8, 8, 4  # Small: the file runs in about a minute on 2 cores.

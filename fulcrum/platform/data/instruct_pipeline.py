@@ -176,6 +176,21 @@ def train_iterator(
   return shuffled_batches(source, fingerprint, batch_size, seed, process_index, process_count)
 
 
+class ArrayRows:
+  """Random access to in-memory examples: example i is row i of every array (SFT-style rows,
+  SPIN's pairs, an agent's demonstrations), a source for `shuffled_batches`."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self.arrays = arrays
+    self.size = len(next(iter(arrays.values())))
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return {k: v[i] for k, v in self.arrays.items()}
+
+
 def shuffled_batches(
   source: grain.MapDataset,
   fingerprint: dict[str, Any],

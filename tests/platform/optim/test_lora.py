@@ -17,6 +17,8 @@ from fulcrum.modules.layers import Dense, LoRA
 from fulcrum.platform import hf, sections
 from fulcrum.platform.optim import lora, make_optimizer
 
+pytestmark = pytest.mark.usefixtures("unoptimised_compiles")  # Tiny programs, each run once.
+
 VOCAB = 32
 TOKENS = jax.random.randint(jax.random.key(1), (2, 9), 0, VOCAB)
 

@@ -39,11 +39,11 @@ SPIN = {
 # Each architecture's SFT model keys beyond TINY's. Griffin's residual/recurrent/attention
 # pattern needs a multiple of 3 layers when they are scanned; unscanned, 3 layers hold one of
 # each. Mamba's SFT run stacks its layers while SPIN keeps its own unscanned default (how a run
-# computes is its own): θ_0 must be placed into the SPIN run's layout.
+# computes is its own): θ_0 must be placed into the SPIN run's layout. Hawk's blocks are
+# Griffin's recurrent blocks (Griffin runs them beside local attention), so Griffin covers both.
 ARCHS = {
   "transformer": {},
   "mamba": {"model.scan_layers": True},
-  "hawk": {},
   "griffin": {"model.num_layers": 3, "model.scan_layers": False},
 }
 

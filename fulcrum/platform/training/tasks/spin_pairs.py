@@ -20,20 +20,6 @@ from fulcrum.platform.selfplay.loss import margin, sequence_logprobs, spin_loss
 from fulcrum.platform.training.tasks.instruction_following import Instruct
 
 
-class _Pairs:
-  """Random access to the pairs: example i is row i of every array."""
-
-  def __init__(self, arrays: dict[str, np.ndarray]):
-    self.arrays = arrays
-    self.size = len(arrays["opponent_real"])
-
-  def __len__(self) -> int:
-    return self.size
-
-  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    return {k: v[i] for k, v in self.arrays.items()}
-
-
 class Spin(Instruct):
   """Self-play fine-tuning on stored pairs (the loss in `selfplay.loss`)."""
 
@@ -59,7 +45,7 @@ class Spin(Instruct):
 
   def train_iterator(self, process_index, process_count):
     t = self.config.train
-    source = grain.MapDataset.source(_Pairs(self._arrays()))
+    source = grain.MapDataset.source(instruct_pipeline.ArrayRows(self._arrays()))
     fingerprint = {"source": f"spin pairs {self.config.spin.pairs}", "num_pairs": len(source)}
     fingerprint["seq_len"] = t.seq_len
     return instruct_pipeline.shuffled_batches(

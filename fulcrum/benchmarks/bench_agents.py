@@ -1,0 +1,181 @@
+"""LM agents in the farming world: how fast the environment and compiled rollouts run, and how
+often each agent succeeds on held-out seeds.
+
+`fulcrum bench agents --json` trains (or reuses, in runs/bench_agents/) the `agent_bc` recipe's
+behaviour-cloned agent, then measures, side by side in one run:
+- `env_steps_per_s`: the environment alone, 64 vmapped envs, random actions, one compiled scan;
+- `rollout_steps_per_s`: the cloned LM policy and the 64 envs in one compiled `lax.scan`
+  (observation → tokens → grammar-constrained decode → env step);
+- `python_loop_steps_per_s`: the same policy and envs stepped from a Python loop, one compiled
+  call per step (as API-style harnesses do); `rollout_speedup` is their ratio;
+- `success` (agent → {domain → rate, "overall"}) for `random`, `behaviour_cloned` and
+  `planner` on every Lite task × `EPISODES` held-out seeds, `success_ci95` (Wilson half-widths),
+  `invalid_action_rate` (turns whose text was no action) and `noop_action_rate` per agent.
+Goals on CPU: env ≥ 10,000 steps/s; compiled rollout ≥ 10× the Python loop; invalid actions 0.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fulcrum import recipes
+from fulcrum.benchmarks.common import checkout_root, device_description, write_results
+from fulcrum.platform import workdir as workdir_lib
+from fulcrum.platform.agents import demos, envs, evaluation, rollout
+from fulcrum.platform.decode.sampling import Sampling
+from fulcrum.platform.training import trainer
+
+RUNS = checkout_root() / "runs" / "bench_agents"
+ENVS = 64  # Environments stepped together in the speed measurements.
+SPEED_STEPS = 200  # Env steps timed (after compilation) for env_steps_per_s.
+ROLLOUT_STEPS = 12  # Policy turns timed for the rollout and the Python loop.
+EPISODES = 8  # Held-out episodes per Lite task for success rates.
+QUICK = {
+  "train.steps": 10,
+  "train.eval_every": 0,
+  "train.checkpoint_every": 10,
+  "train.batch_size": 8,
+  "model.d_model": 32,
+  "model.num_layers": 1,
+  "agent.demos_per_task": 1,
+  "agent.tasks": "farming_till_3,exploration_reach_lake",
+}
+
+
+def _config(quick: bool):
+  config = recipes.get("agent_bc")
+  with config.unlocked():
+    config.train.progress = False
+    for key, value in (QUICK if quick else {}).items():
+      section, field = key.split(".")
+      config[section][field] = value
+  return config
+
+
+def _speed_batch(config, n: int):
+  chosen = evaluation.selected_tasks(config)
+  played = [chosen[i % len(chosen)] for i in range(n)]
+  seeds = jnp.asarray([evaluation.EVAL_SEED + i for i in range(n)], jnp.int32)
+  return envs.stack([envs.to_arrays(t) for t in played]), seeds
+
+
+def _timed(fn) -> float:
+  """Seconds of one call of `fn` (blocking), after a first call that compiles."""
+  jax.block_until_ready(fn())
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
+def _random_success(config, episodes: int) -> dict:
+  chosen = evaluation.selected_tasks(config)
+  played = [t for t in chosen for _ in range(episodes)]
+  seeds = jnp.asarray([evaluation.EVAL_SEED + i for _ in chosen for i in range(episodes)])
+  arrays = envs.stack([envs.to_arrays(t) for t in played])
+  steps = max(t.max_steps for t in chosen)
+  turns, _ = rollout.random_rollout(
+    evaluation.interface(config), steps, arrays, seeds.astype(jnp.int32), jax.random.key(1)
+  )
+  outcomes = evaluation.episode_outcomes(turns)
+  return evaluation.summarize(played, outcomes)
+
+
+def _planner_success(config, episodes: int) -> dict:
+  chosen = evaluation.selected_tasks(config)
+  played = [t for t in chosen for _ in range(episodes)]
+  eps = [
+    demos.planner_episode(t, evaluation.EVAL_SEED + i) for t in chosen for i in range(episodes)
+  ]
+  outcomes = {
+    "success": np.array([e.success for e in eps]),
+    "progress": np.array([1.0 if e.success else 0.0 for e in eps]),
+    "turns": sum(len(e.actions) for e in eps),
+    "malformed": 0,
+    "noops": 0,
+  }
+  return evaluation.summarize(played, outcomes)
+
+
+def run(quick: bool = False) -> dict:
+  config = _config(quick)
+  workdir = RUNS / ("quick" if quick else "bc")
+  trainer.train(config, workdir)
+  exp, state, _ = workdir_lib.load(workdir)
+  interface = evaluation.interface(exp.config)
+  episodes = 1 if quick else EPISODES
+  n_envs = 4 if quick else ENVS
+
+  tasks, seeds = _speed_batch(exp.config, n_envs)
+  env_s = _timed(
+    lambda: rollout.random_rollout(interface, SPEED_STEPS, tasks, seeds, jax.random.key(0))
+  )
+  greedy = Sampling()
+  steps = 3 if quick else ROLLOUT_STEPS
+  scan_s = _timed(
+    lambda: rollout.rollout(
+      exp.model, interface, greedy, steps, state.params, tasks, seeds, jax.random.key(0)
+    )  # fmt: skip
+  )
+  loop_s = _timed(
+    lambda: rollout.python_loop_rollout(
+      exp.model, interface, greedy, steps, state.params, tasks, seeds, jax.random.key(0)
+    )  # fmt: skip
+  )
+
+  agents = {
+    "random": _random_success(exp.config, episodes),
+    "behaviour_cloned": evaluation.evaluate(exp.model, state.params, exp.config, episodes=episodes),
+    "planner": _planner_success(exp.config, episodes),
+  }
+  result = {
+    "device": device_description(),
+    "envs": n_envs,
+    "env_steps_per_s": n_envs * SPEED_STEPS / env_s,
+    "rollout_steps_per_s": n_envs * steps / scan_s,
+    "python_loop_steps_per_s": n_envs * steps / loop_s,
+    "success": {name: r["success"] for name, r in agents.items()},
+    "success_ci95": {name: r["success_ci95"] for name, r in agents.items()},
+    "success_by_difficulty": {name: r["success_by_difficulty"] for name, r in agents.items()},
+    "invalid_action_rate": {name: r["invalid_action_rate"] for name, r in agents.items()},
+    "noop_action_rate": {name: r["noop_action_rate"] for name, r in agents.items()},
+    "episodes_per_task": episodes,
+    "tasks": exp.config.agent.tasks,
+    "params": sum(x.size for x in jax.tree.leaves(state.params)),
+  }
+  result["rollout_speedup"] = result["rollout_steps_per_s"] / result["python_loop_steps_per_s"]
+  md = _markdown(result)
+  if quick:
+    return {**result, "markdown": md}
+  return write_results("agents", result, md)
+
+
+def _markdown(r: dict) -> str:
+  domains = [d for d in r["success"]["planner"] if d != "overall"] + ["overall"]
+  lines = [
+    f"# LM agents in the farming world ({r['device']})",
+    "",
+    f"Success on the {r['tasks']} tasks, {r['episodes_per_task']} held-out seeds each "
+    "(± Wilson 95% half-width):",
+    "",
+    "| agent | " + " | ".join(domains) + " | invalid actions | no-op actions |",
+    "|---|" + "---|" * (len(domains) + 2),
+  ]
+  for name, rates in r["success"].items():
+    ci = r["success_ci95"][name]
+    cells = [f"{rates[d]:.2f} ± {ci[d]:.2f}" for d in domains]
+    lines.append(
+      f"| {name} | " + " | ".join(cells) + f" | {r['invalid_action_rate'][name]:.3f} | "
+      f"{r['noop_action_rate'][name]:.3f} |"
+    )
+  lines += [
+    "",
+    f"Speed ({r['envs']} environments): environment alone {r['env_steps_per_s']:,.0f} steps/s; "
+    f"LM policy + environment in one compiled scan {r['rollout_steps_per_s']:,.0f} steps/s vs "
+    f"a Python loop of compiled steps {r['python_loop_steps_per_s']:,.0f} steps/s "
+    f"({r['rollout_speedup']:.1f}x).",
+  ]
+  return "\n".join(lines)

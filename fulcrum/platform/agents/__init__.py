@@ -1,0 +1,1 @@
+"""LM agents and their environments."""

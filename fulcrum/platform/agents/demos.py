@@ -1,0 +1,93 @@
+"""Demonstrations: the scripted planner's episodes, and the masked next-token rows behaviour
+cloning trains on (each turn's context as the prompt, the planner's action as the response).
+
+A turn's context is exactly what the agent reads in a rollout (`rollout.Interface.context`): the
+last actions, the observation and the prompt mark, so a cloned policy sees in evaluation what it
+was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fulcrum.platform.agents import envs
+from fulcrum.platform.agents.envs import actions as actions_lib
+from fulcrum.platform.agents.envs import planner
+from fulcrum.platform.agents.rollout import PROMPT, SPACE, Interface
+from fulcrum.platform.data.instruct_pipeline import masked_row
+
+
+@dataclasses.dataclass
+class Episode:
+  """One planner episode: what the agent saw and what the planner did at each turn."""
+
+  task: str
+  seed: int
+  obs: np.ndarray  # [T, obs_len] uint8: the observation before each action.
+  actions: np.ndarray  # [T] int32: vocabulary index of each action.
+  success: bool
+
+
+@functools.cache
+def _env_fns():
+  return jax.jit(envs.reset), jax.jit(envs.step)
+
+
+def planner_episode(task: envs.Task, seed: int) -> Episode:
+  """Plays `task` from `PRNGKey(seed)` with the planner, recording observations and actions."""
+  reset, step = _env_fns()
+  state, obs = reset(jax.random.PRNGKey(seed), envs.to_arrays(task))
+  seen, chosen, done, info = [], [], False, {"success": False}
+  while not done:
+    action = np.asarray(planner.act(state), np.int32)
+    seen.append(np.asarray(obs, np.uint8))
+    chosen.append(actions_lib.index(action))
+    state, obs, _, done, info = step(state, jnp.asarray(action))
+    done = bool(done)
+  return Episode(task.id, seed, np.stack(seen), np.asarray(chosen, np.int32), bool(info["success"]))
+
+
+def episodes(tasks: Sequence[envs.Task], seeds: Sequence[int], progress=None) -> list[Episode]:
+  """The planner's episodes of every task on every seed (`progress(n)` after each)."""
+  out = []
+  for task in tasks:
+    for seed in seeds:
+      out.append(planner_episode(task, seed))
+      if progress is not None:
+        progress(1)
+  return out
+
+
+def contexts(interface: Interface, episode: Episode) -> np.ndarray:
+  """[T, context_len] int32: the tokens the agent reads before each of the episode's actions."""
+  lines = interface.lines
+  history = np.full((interface.history, interface.action_width), SPACE, np.int32)
+  mark = np.frombuffer(PROMPT, np.uint8).astype(np.int32)
+  rows = []
+  for obs, action in zip(episode.obs, episode.actions, strict=True):
+    rows.append(np.concatenate([history.reshape(-1), obs.astype(np.int32), mark]))
+    if interface.history:
+      history = np.concatenate([history[1:], lines[action][None]])
+  return np.stack(rows)
+
+
+def seq_len(interface: Interface) -> int:
+  """Tokens per behaviour-cloning row: the context and the longest action."""
+  return interface.context_len + interface.action_width - 1
+
+
+def rows(interface: Interface, eps: Sequence[Episode]) -> dict[str, np.ndarray]:
+  """Masked rows (inputs, targets, weights) of every turn: loss on the action's bytes only."""
+  n = seq_len(interface)
+  out: list[dict[str, np.ndarray]] = []
+  for ep in eps:
+    for ctx, action in zip(contexts(interface, ep), ep.actions, strict=True):
+      text = np.frombuffer(interface.actions[action].encode(), np.uint8).astype(np.int32)
+      out.append(masked_row(np.concatenate([ctx, text]), len(ctx), n))
+  return {k: np.stack([r[k] for r in out]) for k in out[0]}
