@@ -259,3 +259,27 @@ def test_model_config_rejects_unknown_keys():
     ModelConfig.from_mapping({"arch": "mamba", "d_modle": 64})
   with pytest.raises(ValueError, match="d_modle"):
     build({"d_modle": 64})
+
+
+def test_importing_fulcrum_starts_no_jax_backend():
+  """Importing any module of the package must not start a JAX backend (a module-level
+  `jnp.asarray` does): a multi-host run joins with `jax.distributed.initialize` after its imports,
+  which refuses once a backend exists. The agents package once broke every multi-host run so."""
+  import subprocess
+  import sys
+
+  code = textwrap.dedent(
+    """
+    import importlib, pkgutil
+    import fulcrum
+    from jax._src import xla_bridge
+    for info in pkgutil.walk_packages(fulcrum.__path__, "fulcrum."):
+      if info.name.endswith("__main__"):
+        continue
+      importlib.import_module(info.name)
+      assert not xla_bridge.backends_are_initialized(), f"importing {info.name} started JAX"
+    print("ok")
+    """
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

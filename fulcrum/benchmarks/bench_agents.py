@@ -110,8 +110,9 @@ def run(quick: bool = False) -> dict:
   n_envs = 4 if quick else ENVS
 
   tasks, seeds = _speed_batch(exp.config, n_envs)
+  speed_steps = 10 if quick else SPEED_STEPS
   env_s = _timed(
-    lambda: rollout.random_rollout(interface, SPEED_STEPS, tasks, seeds, jax.random.key(0))
+    lambda: rollout.random_rollout(interface, speed_steps, tasks, seeds, jax.random.key(0))
   )
   greedy = Sampling()
   steps = 3 if quick else ROLLOUT_STEPS
@@ -134,7 +135,7 @@ def run(quick: bool = False) -> dict:
   result = {
     "device": device_description(),
     "envs": n_envs,
-    "env_steps_per_s": n_envs * SPEED_STEPS / env_s,
+    "env_steps_per_s": n_envs * speed_steps / env_s,
     "rollout_steps_per_s": n_envs * steps / scan_s,
     "python_loop_steps_per_s": n_envs * steps / loop_s,
     "success": {name: r["success"] for name, r in agents.items()},

@@ -38,8 +38,10 @@ import numpy as np
 
 from fulcrum.platform.agents.envs import actions, navigation, render, tasks, world
 
-_DELTAS = jnp.asarray(world.DIRECTION_DELTAS)
-_VILLAGER_POS = jnp.asarray(world.VILLAGER_POS)
+# numpy, made device constants where used: importing this module must not start a JAX backend
+# (a multi-host run joins after the imports).
+_DELTAS = np.asarray(world.DIRECTION_DELTAS)
+_VILLAGER_POS = np.asarray(world.VILLAGER_POS)
 _GATHER = {world.AXE: (world.TREE, "wood", 3), world.PICKAXE: (world.STONE, "stone", 1),
            world.SCYTHE: (world.WEED, "fiber", 1)}  # fmt: skip
 _OBJECT_KINDS = np.array(
@@ -191,7 +193,7 @@ def _move_to(state, a, b, kind):
 
 def _facing_tile(state, direction):
   d = jnp.clip(direction, 0, 3)
-  t = state.pos + _DELTAS[d]
+  t = state.pos + jnp.asarray(_DELTAS)[d]
   return d, t, navigation.in_bounds(t) & (direction >= 0) & (direction <= 3)
 
 
@@ -264,7 +266,7 @@ def _interact(state, a, b, kind):
     counters=c.replace(harvested=c.harvested.at[crop].add(1)),
   )
 
-  here = (t == _VILLAGER_POS).all(-1)  # [villager]
+  here = (t == jnp.asarray(_VILLAGER_POS)).all(-1)  # [villager]
   v = jnp.argmax(here)
   item = state.inv_item[state.slot]
   gift = here.any() & jnp.asarray(world.GIFTABLE)[item]
@@ -359,7 +361,7 @@ def _slimes(state: world.State) -> world.State:
       jnp.where(diff[1] > 0, navigation.DOWN, navigation.UP),
     )
     d = jnp.where(chase, toward, jnp.maximum(wander[i] - 1, 0))
-    nxt = spos[i] + _DELTAS[d]
+    nxt = spos[i] + jnp.asarray(_DELTAS)[d]
     others = alive & (jnp.arange(world.MAX_SLIMES) != i) & (spos == nxt).all(-1)
     ok = alive[i] & (chase | (wander[i] > 0)) & navigation.in_bounds(nxt)
     ok = ok & navigation.at(free, nxt) & (nxt != state.pos).any() & ~others.any()

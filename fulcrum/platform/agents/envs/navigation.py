@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fulcrum.platform.agents.envs import world
 
 INF = 10_000  # distance of unreachable tiles
-_DELTAS = jnp.asarray(world.DIRECTION_DELTAS)
+# numpy, made device constants where used: importing this module must not start a JAX backend
+# (a multi-host run joins after the imports).
+_DELTAS = np.asarray(world.DIRECTION_DELTAS)
 UP, DOWN, LEFT, RIGHT = range(4)
 
 
@@ -61,7 +64,7 @@ def walk(
     n = jnp.where(along_x, jnp.abs(dx), jnp.abs(dy))
     d = jnp.where(along_x, x_dir, y_dir)
     active = (i % world.MOVE_MAX < n) & ~stopped
-    nxt = pos + _DELTAS[d]
+    nxt = pos + jnp.asarray(_DELTAS)[d]
     ok = in_bounds(nxt) & ~at(block, nxt)
     facing = jnp.where(active, d, facing)
     pos = jnp.where(active & ok, nxt, pos)
@@ -122,7 +125,7 @@ def walk_to(
   goal = jnp.stack([best % world.SIZE, best // world.SIZE]).astype(jnp.int32)
   # Facing: toward the target when stopping beside it, else the direction of the last step
   # (from a neighbour one tile closer to the start).
-  nbrs = goal[None, :] + _DELTAS  # [4, 2]
+  nbrs = goal[None, :] + jnp.asarray(_DELTAS)  # [4, 2]
   nd = jnp.where(in_bounds(nbrs), at(d, nbrs), INF)
   prev = nbrs[jnp.argmax(nd == dist - 1)]
   facing = jnp.where(target_free, direction_between(prev, goal), direction_between(goal, target))
