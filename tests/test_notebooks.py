@@ -69,6 +69,34 @@ def test_self_play_runs(tmp_path, monkeypatch):
   assert "(right)" in text or "(wrong)" in text  # The final model answered.
 
 
+def test_agents_runs(tmp_path, monkeypatch):
+  overrides = {
+    "train.steps": 4,
+    "train.eval_every": 0,
+    "train.batch_size": 8,
+    "train.progress": False,
+    "model.d_model": 32,
+    "model.num_layers": 1,
+    "model.num_heads": 2,
+    "agent.tasks": "farming_till_3,exploration_reach_lake",
+    "agent.demos_per_task": 1,
+    "agent.eval_episodes": 1,
+    "agent.history": 2,
+    "train.seq_len": 374,
+  }
+  text, plotted = execute(
+    "agents.ipynb", [f"{k}={v}" for k, v in overrides.items()], tmp_path / "runs", monkeypatch
+  )
+  assert "Harvest 3 parsnips." in text and "planner: solved in" in text
+  assert "step 4: held-out action accuracy" in text  # FULCRUM_NOTEBOOK_OVERRIDES reached it.
+  # The cloned agent's table (evaluation.render): the two tasks' domains, one episode each.
+  for row in ("domain", "exploration", "farming", "overall", "episodes 2,", "random agent:"):
+    assert row in text, row
+  assert plotted and "--- turn 0" in text and "Till 3 tiles." in text
+  for name in ("episode.txt", "episode.gif"):
+    assert (tmp_path / "runs" / name).stat().st_size > 0
+
+
 @pytest.fixture
 def sync_notebooks():
   path = REPO / "scripts" / "sync_notebooks.py"
@@ -103,6 +131,7 @@ def test_sync_finds_and_mends_a_stale_notebook(sync_notebooks, tmp_path, monkeyp
   cell.write_text(cell.read_text().replace('JAX_MIN = "', 'JAX_MIN = "1'))
   assert sync_notebooks.main(["--check"]) == 1
   assert sorted(sync_notebooks.problems()) == [
+    "agents.ipynb: the first code cell is not notebooks/install_cell.py",
     "efficient_training.ipynb: the first code cell is not notebooks/install_cell.py",
     "install_cell.py: JAX_MIN is not pyproject's jax>=0.7",
     "quickstart.ipynb: the first cell is not its Open in Colab badge",

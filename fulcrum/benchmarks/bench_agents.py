@@ -71,19 +71,6 @@ def _timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def _random_success(config, episodes: int) -> dict:
-  chosen = evaluation.selected_tasks(config)
-  played = [t for t in chosen for _ in range(episodes)]
-  seeds = jnp.asarray([evaluation.EVAL_SEED + i for _ in chosen for i in range(episodes)])
-  arrays = envs.stack([envs.to_arrays(t) for t in played])
-  steps = max(t.max_steps for t in chosen)
-  turns, _ = rollout.random_rollout(
-    evaluation.interface(config), steps, arrays, seeds.astype(jnp.int32), jax.random.key(1)
-  )
-  outcomes = evaluation.episode_outcomes(turns)
-  return evaluation.summarize(played, outcomes)
-
-
 def _planner_success(config, episodes: int) -> dict:
   chosen = evaluation.selected_tasks(config)
   played = [t for t in chosen for _ in range(episodes)]
@@ -128,7 +115,7 @@ def run(quick: bool = False) -> dict:
   )
 
   agents = {
-    "random": _random_success(exp.config, episodes),
+    "random": evaluation.evaluate_random(exp.config, episodes=episodes),
     "behaviour_cloned": evaluation.evaluate(exp.model, state.params, exp.config, episodes=episodes),
     "planner": _planner_success(exp.config, episodes),
   }

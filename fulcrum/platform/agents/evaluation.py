@@ -116,6 +116,20 @@ def evaluate(model, params, config: ml_collections.ConfigDict, *, tasks: str | N
   return out
 
 
+def evaluate_random(config: ml_collections.ConfigDict, *, tasks: str | None = None,
+                    episodes: int | None = None, seed: int = 1) -> dict[str, Any]:  # fmt: skip
+  """`evaluate`'s rates for the random agent (actions drawn uniformly from the vocabulary) on the
+  same tasks and held-out seeds."""
+  chosen = selected_tasks(config, tasks)
+  n = config.agent.eval_episodes if episodes is None else episodes
+  played = [t for t in chosen for _ in range(n)]
+  seeds = jnp.asarray([EVAL_SEED + i for _ in chosen for i in range(n)], jnp.int32)
+  arrays = envs.stack([envs.to_arrays(t) for t in played])
+  steps = max(t.max_steps for t in chosen)
+  turns, _ = rollout.random_rollout(interface(config), steps, arrays, seeds, jax.random.key(seed))
+  return summarize(played, episode_outcomes(turns))
+
+
 def evaluate_workdir(workdir, *, tasks: str | None = None, episodes: int | None = None,
                      record: str | None = None) -> dict[str, Any]:  # fmt: skip
   """`evaluate` on a trained agent workdir's newest checkpoint (what `fulcrum agent eval` runs);
