@@ -29,18 +29,17 @@ def _shared_compilation_cache() -> None:
     return
   run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
   settings = {
-    "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), f"fulcrum-xla-{run}"),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    "JAX_COMPILATION_CACHE_MAX_SIZE": str(2**31),
+    "jax_compilation_cache_dir": os.path.join(tempfile.gettempdir(), f"fulcrum-xla-{run}"),
+    "jax_persistent_cache_min_compile_time_secs": 0.2,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+    "jax_compilation_cache_max_size": 2**31,
   }
-  os.environ.update(settings)
-  if "jax" in sys.modules:  # Imported before this file (a plugin): set it in process too.
+  os.environ.update({name.upper(): str(value) for name, value in settings.items()})
+  if "jax" in sys.modules:  # Imported before this file (a plugin, a script): set it in process.
     import jax
 
     for name, value in settings.items():
-      kind = type(jax.config.read(name.lower()))
-      jax.config.update(name.lower(), kind(value))
+      jax.config.update(name, value)
 
 
 _shared_compilation_cache()

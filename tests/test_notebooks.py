@@ -10,6 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 from tests.conftest import REPO, UNOPTIMISED_ENV, tiny_overrides
+from tests.platform.agents.test_rollout import TINY_AGENT
 from tests.platform.selfplay.test_spin import TINY
 
 
@@ -70,20 +71,7 @@ def test_self_play_runs(tmp_path, monkeypatch):
 
 
 def test_agents_runs(tmp_path, monkeypatch):
-  overrides = {
-    "train.steps": 4,
-    "train.eval_every": 0,
-    "train.batch_size": 8,
-    "train.progress": False,
-    "model.d_model": 32,
-    "model.num_layers": 1,
-    "model.num_heads": 2,
-    "agent.tasks": "farming_till_3,exploration_reach_lake",
-    "agent.demos_per_task": 1,
-    "agent.eval_episodes": 1,
-    "agent.history": 2,
-    "train.seq_len": 374,
-  }
+  overrides = {**TINY_AGENT, "train.steps": 4, "train.eval_every": 0}
   text, plotted = execute(
     "agents.ipynb", [f"{k}={v}" for k, v in overrides.items()], tmp_path / "runs", monkeypatch
   )

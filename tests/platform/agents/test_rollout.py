@@ -22,6 +22,19 @@ pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
 
 TASKS = ["farming_till_3", "crafting_torch", "combat_defeat_1_slime_easy"]
 STEPS = 4
+# A tiny `agent_bc` run (tests and the notebook test): two tasks, history 2, one episode each.
+TINY_AGENT = {
+  "train.batch_size": 8,
+  "train.progress": False,
+  "model.d_model": 32,
+  "model.num_layers": 1,
+  "model.num_heads": 2,
+  "agent.tasks": "farming_till_3,exploration_reach_lake",
+  "agent.demos_per_task": 1,
+  "agent.eval_episodes": 1,
+  "agent.history": 2,
+  "train.seq_len": demos.seq_len(rollout.Interface(FARM, history=2)),
+}
 CONFIGS = {
   "transformer": dict(arch="transformer", d_model=32, num_layers=1, num_heads=2),
   "mamba": dict(arch="mamba", d_model=16, num_layers=1),
@@ -120,21 +133,8 @@ def test_summary_rates_and_intervals():
 @pytest.fixture(scope="module")
 def agent_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("agent") / "run"
-  settings = {
-    "train.steps": 6,
-    "train.eval_every": 6,
-    "train.log_every": 3,
-    "train.batch_size": 8,
-    "train.progress": False,
-    "model.d_model": 32,
-    "model.num_layers": 1,
-    "model.num_heads": 2,
-    "agent.tasks": "farming_till_3,exploration_reach_lake",
-    "agent.demos_per_task": 2,
-    "agent.eval_episodes": 1,
-    "agent.history": 2,
-    "train.seq_len": 374,
-  }
+  settings = {**TINY_AGENT, "train.steps": 6, "train.eval_every": 6, "train.log_every": 3}
+  settings["agent.demos_per_task"] = 2
   train_recipe("agent_bc", [f"{k}={v}" for k, v in settings.items()], workdir)
   return workdir
 
