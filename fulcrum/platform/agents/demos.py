@@ -19,7 +19,7 @@ import numpy as np
 from fulcrum.platform.agents import envs
 from fulcrum.platform.agents.envs import actions as actions_lib
 from fulcrum.platform.agents.envs import planner
-from fulcrum.platform.agents.rollout import PROMPT, SPACE, Interface
+from fulcrum.platform.agents.rollout import SPACE, Interface
 from fulcrum.platform.data.instruct_pipeline import masked_row
 
 
@@ -65,16 +65,12 @@ def episodes(tasks: Sequence[envs.Task], seeds: Sequence[int], progress=None) ->
 
 
 def contexts(interface: Interface, episode: Episode) -> np.ndarray:
-  """[T, context_len] int32: the tokens the agent reads before each of the episode's actions."""
-  lines = interface.lines
-  history = np.full((interface.history, interface.action_width), SPACE, np.int32)
-  mark = np.frombuffer(PROMPT, np.uint8).astype(np.int32)
-  rows = []
-  for obs, action in zip(episode.obs, episode.actions, strict=True):
-    rows.append(np.concatenate([history.reshape(-1), obs.astype(np.int32), mark]))
-    if interface.history:
-      history = np.concatenate([history[1:], lines[action][None]])
-  return np.stack(rows)
+  """[T, context_len] int32: the tokens the agent reads before each of the episode's actions
+  (`Interface.context` of each turn's history window: the lines of the actions before it)."""
+  k, w = interface.history, interface.action_width
+  lines = np.concatenate([np.full((k, w), SPACE, np.int32), interface.lines[episode.actions]])
+  windows = np.stack([lines[t : t + k] for t in range(len(episode.actions))])  # [T, k, w]
+  return np.asarray(interface.context(jnp.asarray(windows), jnp.asarray(episode.obs)))
 
 
 def seq_len(interface: Interface) -> int:
