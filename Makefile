@@ -9,7 +9,7 @@ ARGS ?=
 PROMPT ?= def __init__(self
 BENCH ?= train scan scaling decode_latency optim decode attribution spin agents  # BENCH=scan: just one
 
-.PHONY: setup demo test train eval decode calibrate speculative kvquant attribute spin agent bench notebooks lint format clean
+.PHONY: setup demo test train eval decode calibrate speculative kvquant attribute spin agent agent-improve craftax bench notebooks lint format clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,17 @@ spin: setup
 agent: setup
 	$(BIN)/fulcrum train --recipe agent_bc --workdir runs/agent_bc $(ARGS)
 	$(BIN)/fulcrum agent eval --workdir runs/agent_bc --tasks lite --episodes 8 --record runs/agent_bc/episode
+
+# Policy-gradient rounds on the agent's own rollouts, from `make agent`'s runs/agent_bc; prints
+# the per-round table (held-out success with 95% intervals, rollout success and return).
+agent-improve: setup
+	test -d runs/agent_bc/checkpoints || $(MAKE) agent
+	$(BIN)/fulcrum train --recipe agent_improve --workdir runs/agent_improve --set improve.init_from=runs/agent_bc $(ARGS)
+	$(BIN)/fulcrum agent eval --workdir runs/agent_improve --tasks lite --episodes 8
+
+# PPO on Craftax-Classic (an MLP policy): achievement success rates and the Crafter score.
+craftax: setup
+	$(BIN)/fulcrum train --recipe craftax_ppo --workdir runs/craftax_ppo $(ARGS)
 
 bench: setup
 	for b in $(BENCH); do $(BIN)/fulcrum bench $$b --json || exit $$?; done

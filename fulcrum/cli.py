@@ -96,7 +96,7 @@ def _cmd_train(args) -> int:
   from fulcrum.platform.training.metrics import tensorboard_command
 
   result = train(_resolved_config(args), args.workdir)
-  if "table" in result:  # SPIN: one row per self-play iteration.
+  if "table" in result:  # Iterated runs (SPIN, agent_improve): one row per iteration.
     print(result["table"])
   workdir = epath.Path(result["workdir"])  # pathlib would turn gs://b/run into gs:/b/run
   summary = eval_summary(result)

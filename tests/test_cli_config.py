@@ -35,7 +35,8 @@ def test_config_prints_the_resolved_config(cli):
   assert config["train"]["steps"] == 7
   assert config["model"]["d_model"] == 192  # The demo recipe's own value.
   assert set(config) == {
-    "task", "train", "model", "optimizer", "data", "decode", "mesh", "log", "spin", "agent"
+    "task", "train", "model", "optimizer", "data", "decode", "mesh", "log", "spin", "agent",
+    "improve", "ppo",
   }  # fmt: skip
 
 
@@ -105,7 +106,7 @@ def test_benchmarks_ship_with_the_package():
 
 def test_bench_unknown_name_lists_the_benchmarks(cli):
   code, _, err = cli("bench", "nope")
-  assert code == 2 and "unknown benchmark 'nope'; available: agents, attribution, decode" in err
+  assert code == 2 and "unknown benchmark 'nope'; available: agents, attribution, craftax, decode" in err
 
 
 def test_bench_out_chooses_the_results_folder(cli, tmp_path, monkeypatch):

@@ -35,6 +35,11 @@ def test_recipe_builds_and_runs_a_step(name, tiny_corpus, tmp_path):
     overrides += [f"data.data_dir={tiny_corpus['data_dir']}", "data.instruct_train_size=200"]
   if config.task == "spin":  # An iteration's run, on pairs as the driver stores them.
     overrides.append(f"spin.pairs={_random_pairs(config, tmp_path)}")
+  if config.task == "agent_improve":  # An iteration's run, on rollout rows as the driver stores.
+    overrides.append(f"improve.rollouts={_random_rollouts(config, tmp_path)}")
+  if config.task == "ppo":  # Its own loop: tests/platform/agents/test_ppo.py compiles and runs it.
+    _trace_a_ppo_update(config)
+    return
   config_lib.apply_overrides(config, overrides)
   exp = trainer.build_experiment(config)
   state = exp.init_state()
@@ -62,6 +67,37 @@ def _random_pairs(config, tmp_path) -> str:
   path = tmp_path / "pairs.npz"
   pairs.save(path, arrays, {"iteration": 0, "new_pairs": 4})
   return str(path)
+
+
+def _random_rollouts(config, tmp_path) -> str:
+  from fulcrum.platform.agents import demos, evaluation
+  from fulcrum.platform.data.instruct_pipeline import masked_row
+  from fulcrum.platform.selfplay import pairs
+
+  rng = np.random.default_rng(0)
+  n = demos.seq_len(evaluation.interface(config))
+  rows = [masked_row(rng.integers(1, 256, 40), 30, n) for _ in range(4)]
+  arrays = {k: np.stack([r[k] for r in rows]) for k in ("inputs", "targets", "weights")}
+  arrays["advantage"] = rng.normal(size=4).astype(np.float32)
+  arrays["demo"] = np.array([0, 0, 0, 1], np.float32)
+  arrays["old_logp"] = rng.normal(-20, 3, 4).astype(np.float32)
+  path = tmp_path / "rollouts.npz"
+  pairs.save(path, arrays, {"iteration": 0})
+  return str(path)
+
+
+def _trace_a_ppo_update(config) -> None:
+  """The recipe's runner and one update traced at its real sizes (no compile)."""
+  import jax
+
+  from fulcrum.platform.agents import ppo
+
+  runner = jax.eval_shape(ppo._init_fn(ppo._key(config.ppo), config.train.seed))
+  after, metrics = jax.eval_shape(ppo.make_update(config.ppo), runner)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), after) == jax.tree.map(
+    lambda x: (x.shape, x.dtype), runner
+  )
+  assert metrics["achievements"].shape == (22,)
 
 
 def test_recipes_are_locked():

@@ -2,16 +2,20 @@
 often each agent succeeds on held-out seeds.
 
 `fulcrum bench agents --json` trains (or reuses, in runs/bench_agents/) the `agent_bc` recipe's
-behaviour-cloned agent, then measures, side by side in one run:
+behaviour-cloned agent and the `agent_improve` recipe's policy-gradient rounds from it, then
+measures, side by side in one run:
 - `env_steps_per_s`: the environment alone, 64 vmapped envs, random actions, one compiled scan;
 - `rollout_steps_per_s`: the cloned LM policy and the 64 envs in one compiled `lax.scan`
   (observation → tokens → grammar-constrained decode → env step);
 - `python_loop_steps_per_s`: the same policy and envs stepped from a Python loop, one compiled
   call per step (as API-style harnesses do); `rollout_speedup` is their ratio;
-- `success` (agent → {domain → rate, "overall"}) for `random`, `behaviour_cloned` and
-  `planner` on every Lite task × `EPISODES` held-out seeds, `success_ci95` (Wilson half-widths),
+- `success` (agent → {domain → rate, "overall"}) for `random`, `behaviour_cloned`, `improved`
+  and `planner` on every Lite task × `EPISODES` held-out seeds, `success_ci95` (Wilson half-widths),
   `invalid_action_rate` (turns whose text was no action) and `noop_action_rate` per agent.
-Goals on CPU: env ≥ 10,000 steps/s; compiled rollout ≥ 10× the Python loop; invalid actions 0.
+`improvement` is improved − behaviour_cloned overall, with the 95% half-width of that paired
+difference (`improvement_ci95`: the two agents play the same seeds).
+Goals on CPU: env ≥ 10,000 steps/s; compiled rollout ≥ 10× the Python loop; invalid actions 0;
+the improved agent beats the cloned one by more than the 95% interval.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 
 from fulcrum import recipes
 from fulcrum.benchmarks.common import checkout_root, device_description, write_results
+from fulcrum.platform import launch
 from fulcrum.platform import workdir as workdir_lib
 from fulcrum.platform.agents import demos, envs, evaluation, rollout
 from fulcrum.platform.decode.sampling import Sampling
@@ -47,14 +52,34 @@ QUICK = {
 }
 
 
-def _config(quick: bool):
-  config = recipes.get("agent_bc")
+QUICK_IMPROVE = {  # Demonstrations anchor it: a 10-step agent's episodes may all return alike.
+  "improve.iterations": 1,
+  "improve.steps": 2,
+  "improve.episodes": 2,
+  "improve.demo_weight": 1.0,
+  "improve.demos_per_task": 1,
+}
+
+
+def _config(quick: bool, recipe: str = "agent_bc", **extra):
+  config = recipes.get(recipe)
   with config.unlocked():
     config.train.progress = False
-    for key, value in (QUICK if quick else {}).items():
+    for key, value in {**(QUICK if quick else {}), **extra}.items():
       section, field = key.split(".")
       config[section][field] = value
   return config
+
+
+def _improved(quick: bool, bc_workdir) -> tuple:
+  """The `agent_improve` recipe run from the bench's cloned agent (reused when done)."""
+  extra = {"improve.init_from": str(bc_workdir)}
+  if quick:
+    extra.update(QUICK_IMPROVE)
+  config = _config(quick, "agent_improve", **extra)
+  workdir = RUNS / ("quick_improved" if quick else "improved")
+  result = launch.train(config, workdir)
+  return workdir, result
 
 
 def _speed_batch(config, n: int):
@@ -92,7 +117,9 @@ def run(quick: bool = False) -> dict:
   config = _config(quick)
   workdir = RUNS / ("quick" if quick else "bc")
   trainer.train(config, workdir)
+  improved_dir, improved_run = _improved(quick, workdir)
   exp, state, _ = workdir_lib.load(workdir)
+  _, improved_state, _ = workdir_lib.load(improved_dir)
   interface = evaluation.interface(exp.config)
   episodes = 1 if quick else EPISODES
   n_envs = 4 if quick else ENVS
@@ -118,6 +145,9 @@ def run(quick: bool = False) -> dict:
   agents = {
     "random": evaluation.evaluate_random(exp.config, episodes=episodes),
     "behaviour_cloned": evaluation.evaluate(exp.model, state.params, exp.config, episodes=episodes),
+    "improved": evaluation.evaluate(
+      exp.model, improved_state.params, exp.config, episodes=episodes
+    ),
     "planner": _planner_success(exp.config, episodes),
   }
   result = {
@@ -134,12 +164,22 @@ def run(quick: bool = False) -> dict:
     "episodes_per_task": episodes,
     "tasks": exp.config.agent.tasks,
     "params": sum(x.size for x in jax.tree.leaves(state.params)),
+    "improve_table": improved_run["table"],
   }
+  result.update(_paired_difference(agents["improved"], agents["behaviour_cloned"]))
   result["rollout_speedup"] = result["rollout_steps_per_s"] / result["python_loop_steps_per_s"]
   md = _markdown(result)
   if quick:
     return {**result, "markdown": md}
   return write_results("agents", result, md)
+
+
+def _paired_difference(a: dict, b: dict) -> dict:
+  """a − b overall success on the same episodes, with the 95% half-width of the paired
+  difference (normal approximation over per-episode differences)."""
+  d = np.asarray(a["episode_success"], float) - np.asarray(b["episode_success"], float)
+  half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+  return {"improvement": float(d.mean()), "improvement_ci95": float(half)}
 
 
 def _markdown(r: dict) -> str:
@@ -166,5 +206,10 @@ def _markdown(r: dict) -> str:
     f"LM policy + environment in one compiled scan {r['rollout_steps_per_s']:,.0f} steps/s vs "
     f"a Python loop of compiled steps {r['python_loop_steps_per_s']:,.0f} steps/s "
     f"({r['rollout_speedup']:.1f}x).",
+    "",
+    f"Improved − behaviour-cloned, same episodes: {r['improvement']:+.3f} ± "
+    f"{r['improvement_ci95']:.3f} (paired 95%). The policy-gradient rounds (`agent_improve`):",
+    "",
+    r["improve_table"],
   ]
   return "\n".join(lines)

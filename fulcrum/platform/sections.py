@@ -10,6 +10,8 @@
   log         training/metrics.py         TensorBoard, Weights & Biases
   spin        selfplay/spin_config.py     SPIN iterations (read when task = spin)
   agent       agents/agent_config.py      LM agents: environment, tasks, interface, evaluation
+  improve     agents/improve_config.py    an agent's policy-gradient rounds (task = agent_improve)
+  ppo         agents/ppo_config.py        PPO on a JAX environment, e.g. Craftax (task = ppo)
 
 `base_config()` assembles them; `validate(config)` runs each owner's check. Recipes start from
 `base_config()` (through `fulcrum/recipes/_bases.py`).
@@ -21,7 +23,7 @@ import ml_collections
 
 from fulcrum.modules import ModelConfig, models
 from fulcrum.platform import config as config_lib
-from fulcrum.platform.agents import agent_config
+from fulcrum.platform.agents import agent_config, improve_config, ppo_config
 from fulcrum.platform.config import Section
 from fulcrum.platform.data import pipeline
 from fulcrum.platform.decode import strategies
@@ -50,6 +52,8 @@ SECTIONS: dict[str, Section] = {
   "log": Section(metrics.config_defaults, metrics.validate_config),
   "spin": Section(spin_config.config_defaults, spin_config.validate_config),
   "agent": Section(agent_config.config_defaults, agent_config.validate_config),
+  "improve": Section(improve_config.config_defaults, improve_config.validate_config),
+  "ppo": Section(ppo_config.config_defaults, ppo_config.validate_config),
 }
 TOP_LEVEL = {"task": "lm"}  # What is trained: a task in fulcrum/platform/training/tasks/.
 

@@ -260,12 +260,32 @@ def _alive(pid: Any) -> bool:
   return True
 
 
+# Tasks whose top-level run is a driver of a sequence of runs, one per iteration, each in
+# DIR/iterations/T and told by the key named here what it trains on (unset at the top level).
+ITERATED = {"spin": "spin.pairs", "agent_improve": "improve.rollouts"}
+
+
+def is_iteration_driver(config) -> bool:
+  """Whether `config` is an iterated run's top level (its driver's), not one iteration's run."""
+  key = ITERATED.get(config.get("task"))
+  if key is None:
+    return False
+  section, field = key.split(".")
+  return not config[section][field]
+
+
+def iteration_dir(workdir: epath.Path, t: int) -> epath.Path:
+  """Where an iterated run trains iteration t."""
+  return epath.Path(workdir) / "iterations" / str(t)
+
+
 def checkpointed_run(workdir: str | epath.PathLike) -> epath.Path:
-  """The workdir whose checkpoints stand for `workdir`: itself, or for a SPIN run (which trains
-  each self-play iteration in DIR/iterations/T) its newest iteration."""
+  """The workdir whose checkpoints stand for `workdir`: itself, or for an iterated run (SPIN, an
+  agent's policy-gradient rounds: each iteration trains in DIR/iterations/T) its newest
+  iteration."""
   workdir = resolve(workdir)
   config = read_config(workdir)
-  if config.get("task") != "spin" or config.spin.pairs:
+  if not is_iteration_driver(config):
     return workdir
   runs = workdir / "iterations"
   found = sorted(
@@ -273,7 +293,7 @@ def checkpointed_run(workdir: str | epath.PathLike) -> epath.Path:
   )
   found = [p for _, p in found if (p / "config.json").exists()]
   if not found:
-    raise UserError(f"{workdir} is a SPIN run with no iteration trained yet; run it first")
+    raise UserError(f"{workdir} is an iterated run with no iteration trained yet; run it first")
   return found[-1]
 
 

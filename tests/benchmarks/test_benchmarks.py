@@ -301,7 +301,9 @@ def test_agents_bench_reports_every_key(tmp_path, monkeypatch):
   r = bench_agents.run(quick=True)
   for key in ("env_steps_per_s", "rollout_steps_per_s", "python_loop_steps_per_s"):
     assert r[key] > 0, key
-  assert set(r["success"]) == {"random", "behaviour_cloned", "planner"}
+  assert set(r["success"]) == {"random", "behaviour_cloned", "improved", "planner"}
+  assert -1 <= r["improvement"] <= 1 and r["improvement_ci95"] >= 0
+  assert "| iteration 0 |" in r["markdown"]  # The improvement rounds' table.
   for agent, rates in r["success"].items():
     assert set(rates) == {"farming", "exploration", "overall"}, agent
     assert all(0.0 <= x <= 1.0 for x in rates.values()) and set(r["success_ci95"][agent]) == set(
@@ -310,3 +312,21 @@ def test_agents_bench_reports_every_key(tmp_path, monkeypatch):
   assert r["success"]["planner"]["overall"] == 1.0  # The oracle solves held-out seeds too.
   assert r["invalid_action_rate"]["behaviour_cloned"] == 0.0  # Constrained decoding.
   assert "| planner |" in r["markdown"]
+
+
+@pytest.mark.craftax
+@pytest.mark.usefixtures("unoptimised_compiles")
+def test_craftax_bench_reports_every_key(tmp_path, monkeypatch):
+  """`bench craftax --quick`: a 4-update PPO run, then its policy and the random agent on fresh
+  worlds (the numbers are not goals here)."""
+  from fulcrum.benchmarks import bench_craftax
+  from fulcrum.platform.agents.envs import craftax
+
+  monkeypatch.setattr(bench_craftax, "RUNS", tmp_path / "runs")
+  r = bench_craftax.run(quick=True)
+  assert set(r["success"]) == {"ppo", "ppo_fresh", "random"}
+  for agent, rates in r["success"].items():
+    assert set(rates) == set(craftax.ACHIEVEMENTS) and all(0 <= x <= 1 for x in rates.values())
+    assert 0 <= r["score"][agent] <= 100, agent
+  assert r["env_steps_per_s"] > 0 and r["train_steps_per_s"] > 0
+  assert "| **Crafter score (%)** |" in r["markdown"]

@@ -111,6 +111,7 @@ def evaluate(model, params, config: ml_collections.ConfigDict, *, tasks: str | N
   seconds = time.perf_counter() - start
   outcomes = episode_outcomes(turns)
   out = summarize(played, outcomes)
+  out["episode_success"] = [bool(x) for x in outcomes["success"]]  # Task-major, as `played`.
   out["env_steps"] = int(outcomes["turns"])  # Steps of running episodes.
   out["seconds"] = seconds  # The compiled rollout, compilation included (see `bench agents`).
   return out
@@ -138,10 +139,10 @@ def evaluate_workdir(workdir, *, tasks: str | None = None, episodes: int | None 
   from fulcrum.platform.agents import record as record_lib
 
   config = workdir_lib.read_config(workdir)
-  if config.get("task") != "agent":
+  if config.get("task") not in ("agent", "agent_improve"):
     raise UserError(
       f"{workdir} trained task={config.get('task')!r}, not an agent; pass the --workdir of an "
-      "agent recipe run (e.g. agent_bc)"
+      "agent recipe run (e.g. agent_bc, agent_improve)"
     )
   if episodes is not None and episodes < 1:
     raise UserError(f"--episodes must be >= 1, got {episodes}")

@@ -46,29 +46,35 @@ STATS_PAIRS = 512  # Pairs the per-iteration log-prob and reward statistics are 
 INHERITED = ("model", "data.tokenizer")
 
 
-def _source_config(config: ml_collections.ConfigDict) -> tuple[epath.Path, Any]:
-  s = config.spin
-  if not s.init_from.strip():
+SOURCE_KEY = "spin.init_from"  # The key naming θ_0's workdir (an agent's improvement: its own).
+
+
+def source_config(config: ml_collections.ConfigDict, key: str = SOURCE_KEY):
+  section, field = key.split(".")
+  value = config[section][field]
+  if not value.strip():
     raise UserError(
-      "spin.init_from is empty; pass the SFT workdir SPIN starts from, e.g. "
-      "--set spin.init_from=runs/instruct_sft"
+      f"{key} is empty; pass the workdir the run starts from (θ_0), e.g. --set "
+      f"{key}=runs/{'instruct_sft' if key == SOURCE_KEY else 'agent_bc'}"
     )
-  source = workdir_lib.resolve(s.init_from)
+  source = workdir_lib.resolve(value)
   return source, workdir_lib.read_config(source)
 
 
-def with_source_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config` with the SFT run's model section (as `train.init_from=workdir:` would take it:
-  the run keeps how it computes and its LoRA keys) and its tokenizer."""
-  _, sft = _source_config(config)
+def with_source_model(config: ml_collections.ConfigDict, key: str = SOURCE_KEY):
+  """`config` with the source run's model section (as `train.init_from=workdir:` would take it:
+  the run keeps how it computes and its LoRA keys) and its tokenizer; `key` names the source."""
+  _, sft = source_config(config, key)
+  value = config[key.split(".")[0]][key.split(".")[1]]
   probe = copy.deepcopy(config)
   with probe.unlocked():
-    probe.train.init_from = f"workdir:{config.spin.init_from}"
+    probe.train.init_from = f"workdir:{value}"
   try:
     out = init_from.resolve_config(probe)
   except UserError as e:  # Name the key the user set, not the probe's.
-    key = f"spin.init_from={config.spin.init_from}"
-    raise UserError(str(e).replace(f"train.init_from={probe.train.init_from}", key, 1)) from None
+    raise UserError(
+      str(e).replace(f"train.init_from={probe.train.init_from}", f"{key}={value}", 1)
+    ) from None
   with out.unlocked():
     out.train.init_from = ""  # Iterations start from parameters in memory, not from a source.
     if "tokenizer" in sft.data:
@@ -88,27 +94,26 @@ def iteration_config(config: ml_collections.ConfigDict, t: int, workdir: epath.P
   return c
 
 
-def iteration_dir(workdir: epath.Path, t: int) -> epath.Path:
-  return workdir / "iterations" / str(t)
+iteration_dir = workdir_lib.iteration_dir
 
 
-def _read_json(path: epath.Path) -> dict[str, Any] | None:
+def read_json(path: epath.Path) -> dict[str, Any] | None:
   try:
     return json.loads(path.read_text())
   except (OSError, ValueError):
     return None
 
 
-def _write_json(path: epath.Path, value: dict[str, Any]) -> None:
+def write_json(path: epath.Path, value: dict[str, Any]) -> None:
   write_atomic(path, json.dumps(value, sort_keys=True) + "\n")
 
 
-def _load_params(workdir: epath.Path):
+def load_params(workdir: epath.Path):
   _, state, _ = workdir_lib.load(workdir)
   return state.params
 
 
-def _source_params(config: ml_collections.ConfigDict, source: epath.Path):
+def source_params(config: ml_collections.ConfigDict, source: epath.Path):
   """θ_0: the SFT run's newest params placed into this run's model as `train.init_from=workdir:`
   places them (this run's `scan_layers` layout; fresh LoRA adapters when this run adds them),
   not in the SFT run's own layout, which this run's model may not read."""
@@ -166,28 +171,35 @@ def _make_pairs(config, t, workdir, model, params, tokenizer) -> dict[str, Any]:
   return meta
 
 
-def _write_metrics(workdir: epath.Path, rows: list[dict[str, Any]]) -> None:
+def write_metrics(workdir: epath.Path, rows: list[dict[str, Any]]) -> None:
   write_atomic(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def iteration_table(rows: list[dict[str, Any]], first: str, later: str, columns) -> str:
+  """Markdown, a line per row: `first` names θ_0's row (iteration −1), `later` the others
+  (formatted with the iteration); `columns` are (title, key, format) with "–" where a row lacks
+  the key."""
+  lines = [
+    "| " + " | ".join(["model"] + [c[0] for c in columns]) + " |",
+    "|---|" + "---|" * len(columns),
+  ]
+  for r in rows:
+    name = first if r["iteration"] < 0 else later.format(r["iteration"])
+    cells = [f.format(r[k]) if k in r else "–" for _, k, f in columns]
+    lines.append("| " + " | ".join([name, *cells]) + " |")
+  return "\n".join(lines)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
   """The per-iteration table (Markdown): exact match, reward accuracy, log-probs, gen tok/s."""
-  lines = [
-    "| model | exact match | reward acc. | log p(y) | log p(y') | gen tok/s |",
-    "|---|---|---|---|---|---|",
+  columns = [
+    ("exact match", "eval/exact_match", "{:.3f}"),
+    ("reward acc.", "spin/reward_accuracy", "{:.3f}"),
+    ("log p(y)", "spin/logp_real", "{:.2f}"),
+    ("log p(y')", "spin/logp_generated", "{:.2f}"),
+    ("gen tok/s", "spin/generation_tokens_per_s", "{:.0f}"),
   ]
-  for r in rows:
-    name = "SFT (θ_0)" if r["iteration"] < 0 else f"SPIN iteration {r['iteration']}"
-
-    def fmt(k, f="{:.3f}", r=r):
-      return f.format(r[k]) if k in r else "–"
-
-    lines.append(
-      f"| {name} | {fmt('eval/exact_match')} | {fmt('spin/reward_accuracy')} | "
-      f"{fmt('spin/logp_real', '{:.2f}')} | {fmt('spin/logp_generated', '{:.2f}')} | "
-      f"{fmt('spin/generation_tokens_per_s', '{:.0f}')} |"
-    )
-  return "\n".join(lines)
+  return iteration_table(rows, "SFT (θ_0)", "SPIN iteration {}", columns)
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
@@ -196,10 +208,10 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
   sections.validate(config)
   config = with_source_model(config)
   sections.validate(config)
-  source, _ = _source_config(config)
+  source, _ = source_config(config)
   workdir = workdir_lib.prepare(workdir, config)
   with workdir_lib.Lock(workdir):
-    params = _source_params(config, source)  # θ_0, checked before anything is written.
+    params = source_params(config, source)  # θ_0, checked before anything is written.
     workdir_lib.accept(workdir, config)
     return _iterate(config, workdir, source, params)
 
@@ -209,7 +221,7 @@ def _iterate(config, workdir, source, params) -> dict[str, Any]:
   model = modules.build(config.model)
   tokenizer = instruct_task.get_tokenizer(config)
   problems = instruct_task.Instruct(config).eval_problems()
-  sft = _read_json(workdir / "sft.json")
+  sft = read_json(workdir / "sft.json")
   source_step = init_from.newest_step(str(source))
   if sft is None:
     sft = {
@@ -219,7 +231,7 @@ def _iterate(config, workdir, source, params) -> dict[str, Any]:
       "source_step": source_step,
       "eval/exact_match": instruct_task.exact_match(model, params, tokenizer, problems),
     }
-    _write_json(workdir / "sft.json", sft)
+    write_json(workdir / "sft.json", sft)
   elif sft.get("source_step", source_step) != source_step:
     # The iterations here started from another θ_0: resuming them from this one would mix runs.
     raise UserError(
@@ -230,7 +242,7 @@ def _iterate(config, workdir, source, params) -> dict[str, Any]:
   log.info("spin: θ_0 (%s) exact match %.3f", source, sft["eval/exact_match"])
   for t in range(s.iterations):
     directory = iteration_dir(workdir, t)
-    row = _read_json(directory / "spin.json")
+    row = read_json(directory / "spin.json")
     if row is not None:  # Finished before: θ_{t+1} is read only if the next pairs need it.
       rows.append(row)
       params = None
@@ -238,7 +250,7 @@ def _iterate(config, workdir, source, params) -> dict[str, Any]:
     sub = iteration_config(config, t, workdir)
     if not (directory / "pairs.npz").exists():
       if params is None:
-        params = _load_params(iteration_dir(workdir, t - 1))
+        params = load_params(iteration_dir(workdir, t - 1))
       gen = _make_pairs(config, t, workdir, model, params, tokenizer)
       log.info(
         "spin %d: %d pairs, y' exact match %.3f, %.0f tokens/s",
@@ -259,11 +271,11 @@ def _iterate(config, workdir, source, params) -> dict[str, Any]:
       **{k: v for k, v in result.items() if k.startswith("eval/")},
       **_pair_stats(model, params, arrays, s.beta),
     }
-    _write_json(directory / "spin.json", row)
+    write_json(directory / "spin.json", row)
     rows.append(row)
-    _write_metrics(workdir, rows[1:])
+    write_metrics(workdir, rows[1:])
     log.info("spin %d: exact match %.3f", t, row.get("eval/exact_match", float("nan")))
-  _write_metrics(workdir, rows[1:])
+  write_metrics(workdir, rows[1:])
   jax.effects_barrier()
   table = format_table(rows)
   return {**rows[-1], "rows": rows, "table": table, "workdir": str(workdir)}

@@ -120,7 +120,7 @@ def jit_train_step(exp: Experiment):
   )
 
 
-class _StopSignal:
+class StopSignal:
   """Turns SIGTERM (preemption) and a first Ctrl-C into a stop that every host agrees on.
 
   The loop asks `agreed(step)` after each step; when it says yes, every host saves a checkpoint
@@ -271,7 +271,7 @@ def _run(config: ml_collections.ConfigDict, workdir, initial_params) -> tuple[di
   pending_check = None
   step = start
   try:
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
       while step < t.steps:
         batch = global_batch(exp, next(train_iter))
         with exp.activate():

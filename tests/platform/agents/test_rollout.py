@@ -16,7 +16,7 @@ from fulcrum.modules import build
 from fulcrum.platform.agents import demos, envs, evaluation, rollout
 from fulcrum.platform.agents.environments import FARM
 from fulcrum.platform.decode import Sampling
-from tests.conftest import random_params, train_recipe
+from tests.conftest import random_params
 
 pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
 
@@ -128,15 +128,6 @@ def test_summary_rates_and_intervals():
   # Wilson: a rate of 1 over 2 episodes is not certain.
   assert 0.2 < out["success_ci95"]["farming"] < 0.5
   assert out["success_ci95"]["overall"] < out["success_ci95"]["farming"]
-
-
-@pytest.fixture(scope="module")
-def agent_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("agent") / "run"
-  settings = {**TINY_AGENT, "train.steps": 6, "train.eval_every": 6, "train.log_every": 3}
-  settings["agent.demos_per_task"] = 2
-  train_recipe("agent_bc", [f"{k}={v}" for k, v in settings.items()], workdir)
-  return workdir
 
 
 def test_agent_trains_and_evaluates(agent_run, cli, tmp_path):

@@ -108,17 +108,17 @@ def test_resume_mid_iteration_equals_an_uninterrupted_run(sft, monkeypatch):
   launch.train(_spin_config(sft), whole)
   # Stop (as a SIGTERM would) after step 2 of iteration 1, then rerun the same command.
   calls = {"n": 0}
-  original = trainer._StopSignal.agreed
+  original = trainer.StopSignal.agreed
 
   def stop_in_iteration_1(self, step):
     calls["n"] += 1
     return calls["n"] == 4 + 2 or original(self, step)  # 4 steps of iteration 0, then 2.
 
   cut = sft / "cut"
-  monkeypatch.setattr(trainer._StopSignal, "agreed", stop_in_iteration_1)
+  monkeypatch.setattr(trainer.StopSignal, "agreed", stop_in_iteration_1)
   first = launch.train(_spin_config(sft), cut)
   assert first.get("preempted") and [r["iteration"] for r in first["rows"][1:]] == [0]
-  monkeypatch.setattr(trainer._StopSignal, "agreed", original)
+  monkeypatch.setattr(trainer.StopSignal, "agreed", original)
   launch.train(_spin_config(sft), cut)
   for t in range(2):
     (s1, p1), (s2, p2) = _final_params(whole, t), _final_params(cut, t)

@@ -1,0 +1,271 @@
+"""Improving an LM agent beyond its demonstrations: policy gradient with a leave-one-out
+baseline and PPO's clipped ratio on its own rollouts, in rounds (`task = agent_improve`).
+
+  θ_0 = the agent run's newest checkpoint (`improve.init_from`, e.g. agent_bc's)
+  for t = 0 .. T−1:
+    1. θ_t plays `improve.episodes` episodes of every selected task on fresh training seeds,
+       sampling its actions (`improve.temperature`) in compiled rollouts (one per episode length,
+       so short tasks do not wait for long ones);
+    2. each episode's return R = best progress + `improve.success_bonus` · success; its advantage
+       A = R − the mean return of the other episodes of the same task (the RLOO baseline: the
+       gradient stays unbiased, and tasks the agent always or never solves add no rows);
+    3. every turn of an episode with A ≠ 0 becomes a row (its context → the action written) with
+       A / the episode's turns (× the mean turns: every episode weighs alike, as GRPO's
+       per-sequence normalisation) and θ_t's log-prob of the action; θ_{t+1} = an ordinary run
+       of `task = agent_improve` from θ_t on those rows (the clipped loss in
+       `tasks/agent_policy_gradient.py`), in
+       WORKDIR/iterations/t/ (its own checkpoints, metrics and lock: a kill resumes there);
+    4. one row per iteration in WORKDIR/metrics.jsonl: held-out success, the rollouts' success
+       and return, rows, env steps/s.
+
+WORKDIR/base.json holds θ_0's held-out evaluation; WORKDIR/iterations/t/improve.json each
+iteration's row, written once the iteration is whole.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from fulcrum import modules
+from fulcrum.platform import sections
+from fulcrum.platform import workdir as workdir_lib
+from fulcrum.platform.agents import demos, envs, evaluation, rollout
+from fulcrum.platform.data.instruct_pipeline import masked_row
+from fulcrum.platform.decode.sampling import Sampling
+from fulcrum.platform.errors import UserError
+from fulcrum.platform.selfplay import driver
+from fulcrum.platform.selfplay import pairs as arrays_file
+from fulcrum.platform.training import init_from, trainer
+from fulcrum.platform.training.tasks.agent_policy_gradient import AgentImprove
+
+log = logging.getLogger("fulcrum")
+
+SOURCE_KEY = "improve.init_from"
+TRAIN_SEED = 100_000  # Rollout seeds: iteration t plays from TRAIN_SEED + t · SEED_STRIDE.
+SEED_STRIDE = 10_000  # (Demonstrations use seeds from 0, evaluation from EVAL_SEED.)
+ROW_KEYS = ("inputs", "targets", "weights")
+
+
+def with_source_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the model of the agent run it starts from (`improve.init_from`)."""
+  return driver.with_source_model(config, SOURCE_KEY)
+
+
+def iteration_config(config: ml_collections.ConfigDict, t: int, workdir: epath.Path):
+  """The config of iteration t's training run (in `iteration_dir(workdir, t)`)."""
+  i = config.improve
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.improve.rollouts = str(workdir_lib.iteration_dir(workdir, t) / "rollouts.npz")
+    c.train.steps = i.steps
+    c.train.seed = config.train.seed + t
+    c.train.eval_every = 0  # Evaluated once, at the iteration's end.
+    c.train.checkpoint_every = i.steps
+  return c
+
+
+def advantages(returns: np.ndarray) -> np.ndarray:
+  """[groups, n] returns → each one minus the mean of the other n − 1 of its group (RLOO)."""
+  n = returns.shape[-1]
+  return returns - (returns.sum(-1, keepdims=True) - returns) / (n - 1)
+
+
+def _rows(interface: rollout.Interface, contexts: np.ndarray, actions: np.ndarray):
+  """Masked rows of (context → action) pairs, loss on the action's bytes."""
+  n = demos.seq_len(interface)
+  if not len(actions):
+    return {k: np.zeros((0, n), np.float32 if k == "weights" else np.int32) for k in ROW_KEYS}
+  out = [
+    masked_row(
+      np.concatenate([ctx, np.frombuffer(interface.actions[a].encode(), np.uint8)]), len(ctx), n
+    )
+    for ctx, a in zip(contexts, actions, strict=True)
+  ]
+  return {k: np.stack([r[k] for r in out]).astype(out[0][k].dtype) for k in ROW_KEYS}
+
+
+def collect(model, params, config: ml_collections.ConfigDict, t: int):
+  """θ_t's rollouts of iteration t: (rows with their advantages, statistics)."""
+  i = config.improve
+  interface = evaluation.interface(config)
+  groups = collections.defaultdict(list)
+  for task in evaluation.selected_tasks(config):
+    groups[task.max_steps].append(task)
+  sampling = Sampling(temperature=i.temperature)
+  seed = TRAIN_SEED + t * SEED_STRIDE
+  contexts, actions, weights, returns, successes, episode_turns = [], [], [], [], [], []
+  start = time.perf_counter()
+  for steps, chosen in sorted(groups.items()):
+    played = [task for task in chosen for _ in range(i.episodes)]
+    seeds = jnp.asarray(seed + np.arange(len(played)), jnp.int32)
+    seed += len(played)
+    turns, _ = rollout.rollout(
+      model, interface, sampling, steps, params, envs.stack([envs.to_arrays(x) for x in played]),
+      seeds, jax.random.key(seed),
+    )  # fmt: skip
+    outcomes = evaluation.episode_outcomes(turns)
+    ret = outcomes["progress"] + i.success_bonus * outcomes["success"]
+    adv = advantages(ret.reshape(len(chosen), i.episodes)).reshape(-1)
+    live = np.asarray(turns.live) & (np.asarray(turns.action) >= 0)
+    lengths = np.maximum(live.sum(0), 1)  # Each episode's turns.
+    step_idx, env_idx = np.nonzero(live & (adv != 0)[None])
+    contexts.append(np.asarray(turns.context)[step_idx, env_idx])
+    actions.append(np.asarray(turns.action)[step_idx, env_idx])
+    weights.append((adv / lengths)[env_idx].astype(np.float32))
+    episode_turns.append(lengths)
+    returns.append(ret)
+    successes.append(outcomes["success"])
+  seconds = time.perf_counter() - start
+  episode_turns = np.concatenate(episode_turns)
+  contexts, actions = np.concatenate(contexts), np.concatenate(actions)
+  if not len(actions) and i.demo_weight == 0:
+    raise UserError(
+      f"iteration {t}: every task's {i.episodes} episodes had the same return, so there is "
+      "nothing to learn from; raise improve.episodes or improve.temperature"
+    )
+  arrays = _rows(interface, contexts, actions)
+  # Each episode's rows share its advantage: A / its turns, times the mean episode's turns (an
+  # episode weighs A whatever its length, as GRPO's per-sequence normalisation; unnormalised,
+  # long failing episodes' rows outnumbered the short successes' and lowered success).
+  arrays["advantage"] = np.concatenate(weights) * np.float32(episode_turns.mean())
+  arrays["demo"] = np.zeros(len(actions), np.float32)
+  # θ_t's log-probabilities of the actions it took, as the loss computes them (the ratio's base).
+  arrays["old_logp"] = arrays_file.score(model, params, arrays) if len(actions) else \
+    np.zeros(0, np.float32)  # fmt: skip
+  stats = {
+    "improve/rollout_success": float(np.concatenate(successes).mean()),
+    "improve/rollout_return": float(np.concatenate(returns).mean()),
+    "improve/rows": int(len(actions)),
+    "improve/rollout_steps_per_s": int(episode_turns.sum()) / seconds,  # Compilation included.
+  }
+  return arrays, stats
+
+
+def _demo_rows(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, np.ndarray]:
+  """Planner demonstration rows for the anchor (made once per run, in WORKDIR/demos.npz)."""
+  path = workdir / "demos.npz"
+  if path.exists():
+    return arrays_file.load(path)[0]
+  i = config.improve
+  eps = demos.episodes(evaluation.selected_tasks(config), range(i.demos_per_task))
+  arrays = {k: v for k, v in demos.rows(evaluation.interface(config), eps).items() if k in ROW_KEYS}
+  arrays["advantage"] = np.zeros(len(arrays["inputs"]), np.float32)
+  arrays["demo"] = np.ones(len(arrays["inputs"]), np.float32)
+  arrays["old_logp"] = np.zeros(len(arrays["inputs"]), np.float32)  # Unused: no ratio.
+  arrays_file.save(path, arrays, {"demos_per_task": i.demos_per_task})
+  return arrays
+
+
+def _episodes(config) -> int:
+  return len(evaluation.selected_tasks(config)) * config.agent.eval_episodes
+
+
+def _with_interval(row: dict[str, Any], config) -> dict[str, Any]:
+  """`row` with the Wilson 95% half-width of its held-out success rate."""
+  n = _episodes(config)
+  return {**row, "eval/success_ci95": evaluation.ci95(round(row["eval/success"] * n), n)}
+
+
+def _evaluate(model, params, config) -> dict[str, Any]:
+  """θ_0's held-out evaluation: what an iteration's run reports at its end (the agent task's
+  `generative_metrics`, on the same seeds)."""
+  task = AgentImprove(config)
+  return _with_interval({f"eval/{k}": v for k, v in task.generative_metrics(model, params).items()},
+                        config)  # fmt: skip
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+  """The per-iteration table (Markdown)."""
+  columns = [
+    ("held-out success", "eval/success", "{:.3f}"),
+    ("± 95%", "eval/success_ci95", "{:.3f}"),
+    ("progress", "eval/progress", "{:.3f}"),
+    ("rollout success", "improve/rollout_success", "{:.3f}"),
+    ("rollout return", "improve/rollout_return", "{:.3f}"),
+    ("rows", "improve/rows", "{:d}"),
+  ]
+  return driver.iteration_table(rows, "θ_0 (start)", "iteration {}", columns)
+
+
+def run(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
+  """Runs (or resumes) the improvement from `improve.init_from` in `workdir`; returns the last
+  row, the rows and the table."""
+  sections.validate(config)
+  config = with_source_model(config)
+  sections.validate(config)
+  source, _ = driver.source_config(config, SOURCE_KEY)
+  workdir = workdir_lib.prepare(workdir, config)
+  with workdir_lib.Lock(workdir):
+    params = driver.source_params(config, source)  # θ_0, checked before anything is written.
+    workdir_lib.accept(workdir, config)
+    return _iterate(config, workdir, source, params)
+
+
+def _iterate(config, workdir, source, params) -> dict[str, Any]:
+  i = config.improve
+  model = modules.build(config.model)
+  base = driver.read_json(workdir / "base.json")
+  source_step = init_from.newest_step(str(source))
+  if base is None:
+    base = {"iteration": -1, "step": 0, "source": str(source), "source_step": source_step}
+    base.update(_evaluate(model, params, config))
+    driver.write_json(workdir / "base.json", base)
+  elif base.get("source_step", source_step) != source_step:
+    raise UserError(
+      f"{workdir} started from step {base['source_step']} of {source}, which now holds step "
+      f"{source_step}; use a new --workdir (or the original checkpoint)"
+    )
+  rows = [base]
+  log.info("improve: θ_0 (%s) held-out success %.3f", source, base["eval/success"])
+  for t in range(i.iterations):
+    directory = workdir_lib.iteration_dir(workdir, t)
+    row = driver.read_json(directory / "improve.json")
+    if row is not None:  # Finished before: θ_{t+1} is read only if the next rollouts need it.
+      rows.append(row)
+      params = None
+      continue
+    sub = iteration_config(config, t, workdir)
+    path = directory / "rollouts.npz"
+    if not path.exists():
+      if params is None:
+        params = driver.load_params(workdir_lib.iteration_dir(workdir, t - 1))
+      arrays, stats = collect(model, params, config, t)
+      if i.demo_weight > 0:
+        arrays = arrays_file.concat(arrays, _demo_rows(config, workdir))
+      directory.mkdir(parents=True, exist_ok=True)
+      arrays_file.save(path, arrays, {"iteration": t, **stats})
+      log.info(
+        "improve %d: %d rows, rollout success %.3f, %.0f env steps/s",
+        t, stats["improve/rows"], stats["improve/rollout_success"],
+        stats["improve/rollout_steps_per_s"],
+      )  # fmt: skip
+    _, stats = arrays_file.load(path)
+    result, state = trainer.run(sub, directory, initial_params=params)
+    if result.get("preempted"):  # Stopped mid-iteration (saved): rerunning resumes here.
+      return {**result, "rows": rows, "table": format_table(rows), "workdir": str(workdir)}
+    params = state.params
+    row = {
+      "iteration": t,
+      "step": (t + 1) * i.steps,
+      "improve/loss": float(result.get("loss", float("nan"))),
+      **{k: v for k, v in stats.items() if k.startswith("improve/")},
+      **{k: v for k, v in result.items() if k.startswith("eval/")},
+    }
+    row = _with_interval(row, config)
+    driver.write_json(directory / "improve.json", row)
+    rows.append(row)
+    driver.write_metrics(workdir, rows[1:])
+    log.info("improve %d: held-out success %.3f", t, row["eval/success"])
+  driver.write_metrics(workdir, rows[1:])
+  jax.effects_barrier()
+  return {**rows[-1], "rows": rows, "table": format_table(rows), "workdir": str(workdir)}
