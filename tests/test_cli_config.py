@@ -106,7 +106,9 @@ def test_benchmarks_ship_with_the_package():
 
 def test_bench_unknown_name_lists_the_benchmarks(cli):
   code, _, err = cli("bench", "nope")
-  assert code == 2 and "unknown benchmark 'nope'; available: agents, attribution, craftax, decode" in err
+  assert (
+    code == 2 and "unknown benchmark 'nope'; available: agents, attribution, craftax, decode" in err
+  )
 
 
 def test_bench_out_chooses_the_results_folder(cli, tmp_path, monkeypatch):

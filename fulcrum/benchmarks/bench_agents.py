@@ -54,7 +54,7 @@ QUICK = {
 
 QUICK_IMPROVE = {  # Demonstrations anchor it: a 10-step agent's episodes may all return alike.
   "improve.iterations": 1,
-  "improve.steps": 2,
+  "improve.steps": 1,
   "improve.episodes": 2,
   "improve.demo_weight": 1.0,
   "improve.demos_per_task": 1,

@@ -5,9 +5,10 @@ leave-one-out baseline and PPO's clipped ratio (`agents/improve.py`): each round
 samples 8 episodes of every Lite task on fresh training seeds, each turn of an episode is
 weighted by how much better its return (best progress + success) was than the other 7 episodes
 of its task (divided by the episode's turns), and 150 optimizer steps train on those rows.
-About 8 minutes a round on 2 CPU cores. Held-out success (greedy, 8 seeds a task) is reported per round, with
-θ_0's in WORKDIR/base.json. Expected: see the README's Agents section and
-`benchmarks/results/agents.md` (row `improved`).
+About 8 minutes a round on 2 CPU cores. Held-out success (greedy, 8 seeds a task) is reported
+per round, with θ_0's in WORKDIR/base.json. Measured from the bench's agent_bc (0.542): 0.567,
+0.600, 0.558, 0.417, 0.508 after rounds 0-4, i.e. no gain over behaviour cloning yet (paired
+difference −0.033 ± 0.077; README's Agents section, `benchmarks/results/agents.md`).
 
   make agent                                  # trains runs/agent_bc first
   fulcrum train --recipe agent_improve --workdir runs/agent_improve \\

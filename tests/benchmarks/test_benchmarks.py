@@ -312,21 +312,3 @@ def test_agents_bench_reports_every_key(tmp_path, monkeypatch):
   assert r["success"]["planner"]["overall"] == 1.0  # The oracle solves held-out seeds too.
   assert r["invalid_action_rate"]["behaviour_cloned"] == 0.0  # Constrained decoding.
   assert "| planner |" in r["markdown"]
-
-
-@pytest.mark.craftax
-@pytest.mark.usefixtures("unoptimised_compiles")
-def test_craftax_bench_reports_every_key(tmp_path, monkeypatch):
-  """`bench craftax --quick`: a 4-update PPO run, then its policy and the random agent on fresh
-  worlds (the numbers are not goals here)."""
-  from fulcrum.benchmarks import bench_craftax
-  from fulcrum.platform.agents.envs import craftax
-
-  monkeypatch.setattr(bench_craftax, "RUNS", tmp_path / "runs")
-  r = bench_craftax.run(quick=True)
-  assert set(r["success"]) == {"ppo", "ppo_fresh", "random"}
-  for agent, rates in r["success"].items():
-    assert set(rates) == set(craftax.ACHIEVEMENTS) and all(0 <= x <= 1 for x in rates.values())
-    assert 0 <= r["score"][agent] <= 100, agent
-  assert r["env_steps_per_s"] > 0 and r["train_steps_per_s"] > 0
-  assert "| **Crafter score (%)** |" in r["markdown"]

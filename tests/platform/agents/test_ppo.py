@@ -15,7 +15,6 @@ import pytest
 
 from fulcrum import recipes
 from fulcrum.benchmarks import bench_craftax
-from fulcrum.platform import config as config_lib
 from fulcrum.platform import launch
 from fulcrum.platform.agents import ppo
 from fulcrum.platform.agents.envs import craftax
@@ -121,32 +120,33 @@ def test_craftax_adapter_protocol():
 
 @pytest.mark.craftax
 def test_ppo_trains_reports_and_resumes_exactly(tmp_path, cli, monkeypatch):
-  # The bench's quick settings: the compiled update is shared through the compilation cache.
-  settings = {**bench_craftax.QUICK, "train.progress": False}
-
-  def config(**extra):
-    c = recipes.get("craftax_ppo")
-    config_lib.apply_overrides(c, [f"{k}={v}" for k, v in {**settings, **extra}.items()])
-    return c
-
-  whole = launch.train(config(), tmp_path / "whole")
-  report = json.loads((tmp_path / "whole" / "achievements.json").read_text())
-  assert set(report["success_rates"]) == set(craftax.ACHIEVEMENTS)
-  assert all(0 <= r <= 1 for r in report["success_rates"].values())
-  assert report["success_rates"] == whole["report"]["success_rates"]
-  rows = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+  """`bench craftax --quick` (a 4-update PPO run, then its policy and the random agent on fresh
+  worlds), then the same run stopped by SIGTERM after update 2 and rerun: it resumes exactly."""
+  monkeypatch.setattr(bench_craftax, "RUNS", tmp_path)
+  r = bench_craftax.run(quick=True)
+  assert set(r["success"]) == {"ppo", "ppo_fresh", "random"}
+  for agent, rates in r["success"].items():
+    assert set(rates) == set(craftax.ACHIEVEMENTS) and all(0 <= x <= 1 for x in rates.values())
+    assert 0 <= r["score"][agent] <= 100, agent
+  assert r["env_steps_per_s"] > 0 and r["train_steps_per_s"] > 0
+  assert "| **Crafter score (%)** |" in r["markdown"]
+  whole = tmp_path / "quick"
+  report = json.loads((whole / "achievements.json").read_text())
+  assert report["success_rates"] == r["success"]["ppo"]
+  rows = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
   assert [r["update"] for r in rows] == [1, 2, 3, 4]
   assert all(np.isfinite(r["policy_loss"]) and r["steps_per_s"] > 0 for r in rows)
-  # Stopped by SIGTERM after update 2 (checkpointed there), then rerun: it resumes exactly.
+
+  config = bench_craftax._config(quick=True)
   original = trainer.StopSignal.agreed
   monkeypatch.setattr(trainer.StopSignal, "agreed", lambda self, step: step == 2)
-  half = launch.train(config(), tmp_path / "split")
+  half = launch.train(config, tmp_path / "split")
   assert half["preempted"] and half["update"] == 2
   monkeypatch.setattr(trainer.StopSignal, "agreed", original)
-  resumed = launch.train(config(), tmp_path / "split")
+  resumed = launch.train(config, tmp_path / "split")
   split_rows = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(x)["policy_loss"] for x in split_rows] == [r["policy_loss"] for r in rows]
-  assert resumed["report"] == whole["report"]
+  assert resumed["report"] == report
   bad = cli("train", "--recipe", "craftax_ppo", "--workdir", tmp_path / "bad",
             "--set", "ppo.minibatches=3")  # fmt: skip
   assert bad[0] == 2 and "ppo.minibatches=3 must divide" in bad[2]
