@@ -289,26 +289,3 @@ def test_spin_bench_reports_every_key(tmp_path, monkeypatch):
   # well under three.
   assert 1.0 < r["spin_step_peak_bytes"] / r["sft_step_peak_bytes"] < 3.0
   assert "SPIN iteration 1" in r["markdown"]
-
-
-@pytest.mark.usefixtures("unoptimised_compiles")
-def test_agents_bench_reports_every_key(tmp_path, monkeypatch):
-  """`bench agents --quick` end to end on a tiny agent: speeds of the environment, the compiled
-  rollout and the Python loop, and success for every agent (the numbers are not goals here)."""
-  from fulcrum.benchmarks import bench_agents
-
-  monkeypatch.setattr(bench_agents, "RUNS", tmp_path / "runs")
-  r = bench_agents.run(quick=True)
-  for key in ("env_steps_per_s", "rollout_steps_per_s", "python_loop_steps_per_s"):
-    assert r[key] > 0, key
-  assert set(r["success"]) == {"random", "behaviour_cloned", "improved", "planner"}
-  assert -1 <= r["improvement"] <= 1 and r["improvement_ci95"] >= 0
-  assert "| iteration 0 |" in r["markdown"]  # The improvement rounds' table.
-  for agent, rates in r["success"].items():
-    assert set(rates) == {"farming", "exploration", "overall"}, agent
-    assert all(0.0 <= x <= 1.0 for x in rates.values()) and set(r["success_ci95"][agent]) == set(
-      rates
-    )
-  assert r["success"]["planner"]["overall"] == 1.0  # The oracle solves held-out seeds too.
-  assert r["invalid_action_rate"]["behaviour_cloned"] == 0.0  # Constrained decoding.
-  assert "| planner |" in r["markdown"]

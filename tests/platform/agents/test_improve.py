@@ -13,12 +13,11 @@ import pytest
 
 from fulcrum import recipes
 from fulcrum.platform import config as config_lib
-from fulcrum.platform import launch
 from fulcrum.platform import workdir as workdir_lib
 from fulcrum.platform.agents import improve
 from fulcrum.platform.selfplay import pairs as arrays_file
 from fulcrum.platform.training.tasks.agent_policy_gradient import AgentImprove, policy_gradient_loss
-from tests.platform.agents.test_rollout import TINY_AGENT, policy
+from tests.platform.agents.test_rollout import TINY_AGENT
 
 pytestmark = pytest.mark.usefixtures("unoptimised_compiles")
 
@@ -95,47 +94,48 @@ def test_demonstration_rows_take_the_anchor_weight():
   assert rows == 4
 
 
-def test_rollout_rows_are_the_actions_taken_weighted_by_advantage():
-  m, params = policy("transformer")
-  config = _config(**{"improve.episodes": 4})
-  arrays, stats = improve.collect(m, params, config, 0)
-  n = stats["improve/rows"]
-  assert n == len(arrays["inputs"]) == len(arrays["advantage"]) > 0
-  assert (arrays["advantage"] != 0).all() and (arrays["demo"] == 0).all()
-  # The stored log-probs are θ_t's, as the loss computes them: the first step's ratio is 1.
-  head = {k: v[:8] for k, v in arrays.items()}
-  logits = m.apply({"params": params}, jnp.asarray(head["inputs"]))
-  targets = jnp.asarray(head["targets"])[..., None]
-  logp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets, -1)[..., 0]
-  np.testing.assert_allclose((logp * head["weights"]).sum(-1), head["old_logp"], atol=1e-4)
-  actions = set(improve.evaluation.interface(config).actions)
-  for r in range(0, n, max(n // 20, 1)):
-    w = arrays["weights"][r] > 0
-    assert bytes(arrays["targets"][r][w].astype(np.uint8)).decode() in actions
-  assert 0 <= stats["improve/rollout_success"] <= 1 and stats["improve/rollout_steps_per_s"] > 0
+def test_bench_agents_and_the_improvement_rounds_end_to_end(tmp_path, monkeypatch, cli):
+  """`bench agents --quick` (a tiny cloned agent, one improvement round from it, speeds, success
+  of every agent), then the round's files: rollout rows spell the actions taken with θ_0's
+  log-probs as the loss computes them, a rerun resumes without training, `agent eval` reads it."""
+  from fulcrum.benchmarks import bench_agents
 
+  monkeypatch.setattr(bench_agents, "RUNS", tmp_path)
+  r = bench_agents.run(quick=True)
+  for key in ("env_steps_per_s", "rollout_steps_per_s", "python_loop_steps_per_s"):
+    assert r[key] > 0, key
+  assert set(r["success"]) == {"random", "behaviour_cloned", "improved", "planner"}
+  assert -1 <= r["improvement"] <= 1 and r["improvement_ci95"] >= 0
+  for agent, rates in r["success"].items():
+    assert set(rates) == {"farming", "exploration", "overall"}, agent
+    assert all(0.0 <= x <= 1.0 for x in rates.values())
+    assert set(r["success_ci95"][agent]) == set(rates)
+  assert r["success"]["planner"]["overall"] == 1.0  # The oracle solves held-out seeds too.
+  assert r["invalid_action_rate"]["behaviour_cloned"] == 0.0  # Constrained decoding.
+  assert "| planner |" in r["markdown"] and "| iteration 0 |" in r["markdown"]
 
-def test_improvement_rounds_end_to_end(agent_run, tmp_path, cli):
-  workdir = tmp_path / "improve"
-  config = _config(**{"improve.init_from": str(agent_run), "improve.demo_weight": 1.0,
-                      "improve.demos_per_task": 1})  # fmt: skip
-  result = launch.train(config, workdir)
+  workdir = tmp_path / "quick_improved"
   rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["iteration"] for r in rows] == [0, 1]
-  for r in rows:
-    assert 0 <= r["eval/success"] <= 1 and r["eval/success_ci95"] > 0 and r["improve/rows"] >= 0
-  base = json.loads((workdir / "base.json").read_text())
-  assert base["iteration"] == -1 and "eval/success" in base
-  assert "| iteration 1 |" in result["table"] and "θ_0" in result["table"]
+  assert [row["iteration"] for row in rows] == [0]
+  assert 0 <= rows[0]["eval/success"] <= 1 and rows[0]["eval/success_ci95"] > 0
+  assert json.loads((workdir / "base.json").read_text())["iteration"] == -1
+  assert workdir_lib.checkpointed_run(workdir).name == "0"
   arrays, meta = arrays_file.load(workdir / "iterations" / "0" / "rollouts.npz")
-  assert arrays["demo"].sum() > 0 and meta["iteration"] == 0  # The anchor rows ride along.
-  assert workdir_lib.checkpointed_run(workdir).name == "1"
-  _, _, step = workdir_lib.load(workdir)
-  assert step == 2
-  # A rerun resumes: finished iterations are read back, nothing trains again.
-  again = launch.train(config, workdir)
-  assert again["rows"][1:] == result["rows"][1:]
-  assert workdir_lib.load(workdir)[2] == 2
+  assert meta["iteration"] == 0 and arrays["demo"].sum() > 0  # The anchor rows ride along.
+  own = {k: v[arrays["demo"] == 0] for k, v in arrays.items()}
+  assert len(own["inputs"]) == meta["improve/rows"] > 0 and (own["advantage"] != 0).all()
+  exp, bc, _ = workdir_lib.load(tmp_path / "quick")  # θ_0.
+  logits = exp.model.apply({"params": bc.params}, jnp.asarray(own["inputs"][:8]))
+  targets = jnp.asarray(own["targets"][:8])[..., None]
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets, -1)[..., 0]
+  np.testing.assert_allclose((logp * own["weights"][:8]).sum(-1), own["old_logp"][:8], atol=1e-4)
+  actions = set(improve.evaluation.interface(exp.config).actions)
+  for row in range(len(own["inputs"])):
+    w = own["weights"][row] > 0
+    assert bytes(own["targets"][row][w].astype(np.uint8)).decode() in actions
+  # A rerun resumes: the finished round is read back, nothing trains again.
+  _, again = bench_agents._improved(True, tmp_path / "quick")
+  assert again["rows"][1:] == rows and workdir_lib.load(workdir)[2] == 1
   code, out, err = cli("agent", "eval", "--workdir", workdir, "--episodes", 1, "--json")
   assert code == 0, err
   assert json.loads(out.strip().splitlines()[-1])["episodes"] == 2  # After the runs' own lines.
