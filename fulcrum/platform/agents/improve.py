@@ -57,7 +57,14 @@ ROW_KEYS = ("inputs", "targets", "weights")
 
 
 def with_source_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config` with the model of the agent run it starts from (`improve.init_from`)."""
+  """`config` with the model of the agent run it starts from (`improve.init_from`); a source
+  that is not an agent is refused in one line."""
+  source, source_config = driver.source_config(config, SOURCE_KEY)
+  if source_config.get("task") not in ("agent", "agent_improve"):
+    raise UserError(
+      f"improve.init_from={config.improve.init_from}: {source} trained "
+      f"task={source_config.get('task')!r}, not an agent; start from an agent_bc run"
+    )
   return driver.with_source_model(config, SOURCE_KEY)
 
 

@@ -148,3 +148,8 @@ def test_an_improvement_run_needs_its_source(cli, tmp_path):
   code, _, err = cli("train", "--recipe", "agent_improve", "--workdir", tmp_path / "w",
                      "--set", "improve.episodes=1")  # fmt: skip
   assert code == 2 and "improve.episodes must be >= 2" in err
+  (tmp_path / "lm").mkdir()
+  (tmp_path / "lm" / "config.json").write_text(json.dumps({"task": "lm"}))
+  code, _, err = cli("train", "--recipe", "agent_improve", "--workdir", tmp_path / "w",
+                     "--set", f"improve.init_from={tmp_path / 'lm'}")  # fmt: skip
+  assert code == 2 and "not an agent" in err and len(err.strip().splitlines()) == 1
