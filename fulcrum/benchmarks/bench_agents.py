@@ -2,8 +2,9 @@
 often each agent succeeds on held-out seeds.
 
 `fulcrum bench agents --json` trains (or reuses, in runs/bench_agents/) the `agent_bc` recipe's
-behaviour-cloned agent and the `agent_improve` recipe's policy-gradient rounds from it, then
-measures, side by side in one run:
+behaviour-cloned agent and the `agent_improve` recipe's improvement rounds from it (policy
+gradient and DAgger relabelling on the agent's own rollouts), then measures, side by side in one
+run:
 - `env_steps_per_s`: the environment alone, 64 vmapped envs, random actions, one compiled scan;
 - `rollout_steps_per_s`: the cloned LM policy and the 64 envs in one compiled `lax.scan`
   (observation → tokens → grammar-constrained decode → env step);
@@ -208,7 +209,9 @@ def _markdown(r: dict) -> str:
     f"({r['rollout_speedup']:.1f}x).",
     "",
     f"Improved − behaviour-cloned, same episodes: {r['improvement']:+.3f} ± "
-    f"{r['improvement_ci95']:.3f} (paired 95%). The policy-gradient rounds (`agent_improve`):",
+    f"{r['improvement_ci95']:.3f} (paired 95%). The improvement rounds (`agent_improve`: "
+    "policy gradient on the agent's rollouts, and the planner's labels for the states they "
+    "reached):",
     "",
     r["improve_table"],
   ]

@@ -8,7 +8,7 @@ task on 4 held-out seeds with grammar-constrained greedy actions in one compiled
 construction), and `eval/action_accuracy` on held-out demonstrations. Expected: success ≈ 0.5
 (measured 0.54 ± 0.09 over 8 seeds a task; random 0.18, planner 1.00; combat is the weak domain)
 and action accuracy ≈ 0.72; ~10 min of train steps on 2 quiet CPU cores plus ~3 min of planner
-demonstrations; `benchmarks/results/agents.md`.
+demonstrations (the first time: they are cached in data.data_dir); `benchmarks/results/agents.md`.
 
   fulcrum train --recipe agent_bc --workdir runs/agent_bc
   fulcrum agent eval --workdir runs/agent_bc --tasks lite --episodes 8

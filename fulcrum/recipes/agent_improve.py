@@ -23,9 +23,11 @@ def get_config():
   c = agent_bc.get_config()
   c.task = "agent_improve"
   c.improve.init_from = "runs/agent_bc"
-  c.improve.iterations = 5
+  c.improve.iterations = 3
   c.improve.episodes = 8
   c.improve.steps = 150
+  c.improve.relabel = True
+  c.improve.demo_weight = 1.0
   c.agent.eval_episodes = 8
   c.train.log_every = 25
   c.optimizer.learning_rate = 3e-4

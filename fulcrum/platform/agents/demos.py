@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import io
+import json
+import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +27,9 @@ from fulcrum.platform.agents.envs import actions as actions_lib
 from fulcrum.platform.agents.envs import planner
 from fulcrum.platform.agents.rollout import SPACE, Interface
 from fulcrum.platform.data.instruct_pipeline import masked_row
+from fulcrum.platform.files import write_atomic
+
+log = logging.getLogger("fulcrum")
 
 
 @dataclasses.dataclass
@@ -62,6 +71,72 @@ def episodes(tasks: Sequence[envs.Task], seeds: Sequence[int], progress=None) ->
       if progress is not None:
         progress(1)
   return out
+
+
+def _cache_key(tasks: Sequence[envs.Task], seeds: Sequence[int]) -> str:
+  """A hash of everything an episode depends on: the environment's and planner's code (every
+  file of `envs/` and this module), the tasks' full specifications and the seeds."""
+  h = hashlib.sha256()
+  root = Path(envs.__file__).parent
+  code = [*sorted(root.glob("*.py")), *sorted(root.glob("*.json")), Path(__file__)]
+  for path in code:
+    h.update(path.name.encode() + b"\0" + path.read_bytes())
+  h.update(json.dumps([repr(t) for t in tasks]).encode())
+  h.update(json.dumps([int(x) for x in seeds]).encode())
+  return h.hexdigest()[:24]
+
+
+def _read_cached(path: Path) -> list[Episode] | None:
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      ends = np.cumsum(f["lengths"])
+      obs, acts = np.split(f["obs"], ends[:-1]), np.split(f["actions"], ends[:-1])
+      return [
+        Episode(str(t), int(s), o, a, bool(ok))
+        for t, s, o, a, ok in zip(f["tasks"], f["seeds"], obs, acts, f["success"], strict=True)
+      ]
+  except FileNotFoundError:
+    return None
+  except Exception as e:  # A damaged cache is rebuilt (it is derived data), never trusted.
+    log.warning("agent: planner demonstrations cache %s unreadable (%s); rebuilding", path, e)
+    return None
+
+
+def cache_dir(config) -> str:
+  """Where a run keeps planner demonstrations: beside its prepared datasets (`data.data_dir`)."""
+  from fulcrum.platform.data.text_corpus import resolve_data_dir  # noqa: PLC0415 (imports TFDS)
+
+  return resolve_data_dir(config.data.data_dir)
+
+
+def cached_episodes(tasks: Sequence[envs.Task], seeds: Sequence[int], cache_dir: str | None,
+                    progress=None) -> list[Episode]:  # fmt: skip
+  """`episodes(tasks, seeds)`, kept in `cache_dir/agent_demos/KEY.npz` (KEY: `_cache_key`, so a
+  change to the world, the planner or a task makes new episodes, never reads stale ones); written
+  atomically. `cache_dir` None plays them every time."""
+  if not cache_dir:
+    return episodes(tasks, seeds, progress)
+  path = Path(cache_dir) / "agent_demos" / f"{_cache_key(tasks, seeds)}.npz"
+  eps = _read_cached(path)
+  if eps is not None:
+    return eps
+  eps = episodes(tasks, seeds, progress)
+  buffer = io.BytesIO()
+  np.savez(
+    buffer,
+    obs=np.concatenate([e.obs for e in eps]),
+    actions=np.concatenate([e.actions for e in eps]),
+    lengths=np.array([len(e.actions) for e in eps]),
+    tasks=np.array([e.task for e in eps]),
+    seeds=np.array([e.seed for e in eps]),
+    success=np.array([e.success for e in eps]),
+  )
+  try:
+    os.makedirs(path.parent, exist_ok=True)
+    write_atomic(path, buffer.getvalue())
+  except OSError as e:  # A read-only cache dir costs speed, not the run.
+    log.warning("agent: could not cache planner demonstrations in %s (%s)", path.parent, e)
+  return eps
 
 
 def contexts(interface: Interface, episode: Episode) -> np.ndarray:

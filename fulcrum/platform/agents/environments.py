@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fulcrum.platform.agents import envs
+from fulcrum.platform.agents.envs import planner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +22,8 @@ class Environment:
     step: (state, int32 action) -> (state, obs, reward, done, info dict).
     actions: the action vocabulary's text, in the order of `encoded`.
     encoded: () -> int32[n, ...] array form of each action, as `step` takes it.
+    oracle: (one unbatched state) -> an expert's next action in `step`'s array form (the
+      farm's scripted planner: it labels the states an agent visits, `improve.relabel`), or None.
   """
 
   name: str
@@ -29,6 +32,7 @@ class Environment:
   step: Callable[..., Any]
   actions: tuple[str, ...]
   encoded: Callable[[], Any]
+  oracle: Callable[[Any], Any] | None = None
 
 
 FARM = Environment(
@@ -38,5 +42,6 @@ FARM = Environment(
   step=envs.step,
   actions=tuple(envs.vocabulary()),
   encoded=envs.encoded_vocabulary,
+  oracle=planner.act,
 )
 ENVIRONMENTS = {e.name: e for e in (FARM,)}

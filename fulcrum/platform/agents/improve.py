@@ -1,5 +1,6 @@
-"""Improving an LM agent beyond its demonstrations: policy gradient with a leave-one-out
-baseline and PPO's clipped ratio on its own rollouts, in rounds (`task = agent_improve`).
+"""Improving an LM agent beyond its demonstrations, in rounds on its own rollouts
+(`task = agent_improve`): policy gradient with a leave-one-out baseline and PPO's clipped ratio,
+and (`improve.relabel`) DAgger's expert labels for the states the agent itself reached.
 
   θ_0 = the agent run's newest checkpoint (`improve.init_from`, e.g. agent_bc's)
   for t = 0 .. T−1:
@@ -15,6 +16,10 @@ baseline and PPO's clipped ratio on its own rollouts, in rounds (`task = agent_i
        of `task = agent_improve` from θ_t on those rows (the clipped loss in
        `tasks/agent_policy_gradient.py`), in
        WORKDIR/iterations/t/ (its own checkpoints, metrics and lock: a kill resumes there);
+       with `improve.relabel`, every turn played also becomes a demonstration row labelled with
+       the planner's action in that state (`relabel.py`), trained with `improve.demo_weight`
+       beside `improve.demos_per_task` planner episodes a task: the agent learns what to do in
+       the states its own mistakes lead to, which behaviour cloning never shows it;
     4. one row per iteration in WORKDIR/metrics.jsonl: held-out success, the rollouts' success
        and return, rows, env steps/s.
 
@@ -39,7 +44,7 @@ from etils import epath
 from fulcrum import modules
 from fulcrum.platform import sections
 from fulcrum.platform import workdir as workdir_lib
-from fulcrum.platform.agents import demos, envs, evaluation, rollout
+from fulcrum.platform.agents import demos, envs, evaluation, relabel, rollout
 from fulcrum.platform.data.instruct_pipeline import masked_row
 from fulcrum.platform.decode.sampling import Sampling
 from fulcrum.platform.errors import UserError
@@ -111,15 +116,31 @@ def collect(model, params, config: ml_collections.ConfigDict, t: int):
   sampling = Sampling(temperature=i.temperature)
   seed = TRAIN_SEED + t * SEED_STRIDE
   contexts, actions, weights, returns, successes, episode_turns = [], [], [], [], [], []
+  expert_contexts, expert_actions, greedy_success = [], [], []
+  agreement = {"sampled": [], "greedy": []}
   start = time.perf_counter()
   for steps, chosen in sorted(groups.items()):
     played = [task for task in chosen for _ in range(i.episodes)]
     seeds = jnp.asarray(seed + np.arange(len(played)), jnp.int32)
     seed += len(played)
+    task_arrays = envs.stack([envs.to_arrays(x) for x in played])
     turns, _ = rollout.rollout(
-      model, interface, sampling, steps, params, envs.stack([envs.to_arrays(x) for x in played]),
-      seeds, jax.random.key(seed),
+      model, interface, sampling, steps, params, task_arrays, seeds, jax.random.key(seed)
     )  # fmt: skip
+    if i.relabel:
+      played_turns = [("sampled", turns)]
+      if i.relabel_greedy:  # The states the agent reaches as it is evaluated (its loops).
+        greedy, _ = rollout.rollout(
+          model, interface, Sampling(), steps, params, task_arrays, seeds, jax.random.key(seed)
+        )  # fmt: skip
+        played_turns.append(("greedy", greedy))
+        greedy_success.append(evaluation.episode_outcomes(greedy)["success"])
+      for kind, source in played_turns:
+        labels = relabel.oracle_actions(interface, task_arrays, seeds, source)
+        step_idx, env_idx = np.nonzero(labels >= 0)
+        expert_contexts.append(np.asarray(source.context)[step_idx, env_idx])
+        expert_actions.append(labels[step_idx, env_idx])
+        agreement[kind].append(np.asarray(source.action)[step_idx, env_idx] == expert_actions[-1])
     outcomes = evaluation.episode_outcomes(turns)
     ret = outcomes["progress"] + i.success_bonus * outcomes["success"]
     adv = advantages(ret.reshape(len(chosen), i.episodes)).reshape(-1)
@@ -135,7 +156,7 @@ def collect(model, params, config: ml_collections.ConfigDict, t: int):
   seconds = time.perf_counter() - start
   episode_turns = np.concatenate(episode_turns)
   contexts, actions = np.concatenate(contexts), np.concatenate(actions)
-  if not len(actions) and i.demo_weight == 0:
+  if not len(actions) and not i.relabel and i.demo_weight == 0:
     raise UserError(
       f"iteration {t}: every task's {i.episodes} episodes had the same return, so there is "
       "nothing to learn from; raise improve.episodes or improve.temperature"
@@ -149,13 +170,31 @@ def collect(model, params, config: ml_collections.ConfigDict, t: int):
   # θ_t's log-probabilities of the actions it took, as the loss computes them (the ratio's base).
   arrays["old_logp"] = arrays_file.score(model, params, arrays) if len(actions) else \
     np.zeros(0, np.float32)  # fmt: skip
+  if i.relabel:
+    expert = _as_demos(_rows(interface, np.concatenate(expert_contexts),
+                             np.concatenate(expert_actions)))  # fmt: skip
+    arrays = arrays_file.concat(arrays, expert)
   stats = {
     "improve/rollout_success": float(np.concatenate(successes).mean()),
     "improve/rollout_return": float(np.concatenate(returns).mean()),
     "improve/rows": int(len(actions)),
+    "improve/turns": int(episode_turns.sum()),
     "improve/rollout_steps_per_s": int(episode_turns.sum()) / seconds,  # Compilation included.
   }
+  if i.relabel:  # How often the agent's action was the planner's (on its own states).
+    stats["improve/planner_agreement"] = float(np.concatenate(agreement["sampled"]).mean())
+    stats["improve/relabelled"] = int(sum(len(a) for a in expert_actions))
+  if greedy_success:  # θ_t greedy on the training seeds, and its agreement with the planner.
+    stats["improve/greedy_success"] = float(np.concatenate(greedy_success).mean())
+    stats["improve/planner_agreement_greedy"] = float(np.concatenate(agreement["greedy"]).mean())
   return arrays, stats
+
+
+def _as_demos(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Rows trained by the demonstration loss (demo_weight × NLL), not the policy gradient."""
+  n = len(arrays["inputs"])
+  zeros = np.zeros(n, np.float32)
+  return {**arrays, "advantage": zeros, "demo": np.ones(n, np.float32), "old_logp": zeros}
 
 
 def _demo_rows(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, np.ndarray]:
@@ -164,11 +203,10 @@ def _demo_rows(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[s
   if path.exists():
     return arrays_file.load(path)[0]
   i = config.improve
-  eps = demos.episodes(evaluation.selected_tasks(config), range(i.demos_per_task))
-  arrays = {k: v for k, v in demos.rows(evaluation.interface(config), eps).items() if k in ROW_KEYS}
-  arrays["advantage"] = np.zeros(len(arrays["inputs"]), np.float32)
-  arrays["demo"] = np.ones(len(arrays["inputs"]), np.float32)
-  arrays["old_logp"] = np.zeros(len(arrays["inputs"]), np.float32)  # Unused: no ratio.
+  eps = demos.cached_episodes(evaluation.selected_tasks(config), range(i.demos_per_task),
+                              demos.cache_dir(config))  # fmt: skip
+  rows = demos.rows(evaluation.interface(config), eps)
+  arrays = _as_demos({k: v for k, v in rows.items() if k in ROW_KEYS})
   arrays_file.save(path, arrays, {"demos_per_task": i.demos_per_task})
   return arrays
 
@@ -200,6 +238,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ("rollout success", "improve/rollout_success", "{:.3f}"),
     ("rollout return", "improve/rollout_return", "{:.3f}"),
     ("rows", "improve/rows", "{:d}"),
+    ("greedy success (train seeds)", "improve/greedy_success", "{:.3f}"),
+    ("relabelled rows", "improve/relabelled", "{:d}"),
   ]
   return driver.iteration_table(rows, "θ_0 (start)", "iteration {}", columns)
 

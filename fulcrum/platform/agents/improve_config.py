@@ -20,6 +20,10 @@ def config_defaults() -> ml_collections.ConfigDict:
   c.success_bonus = 1.0  # Return = the episode's best progress + success_bonus · success.
   c.demo_weight = 0.0  # Adds demo_weight · (planner demonstrations' NLL) as an anchor.
   c.demos_per_task = 4  # Planner episodes per task for that anchor (when demo_weight > 0).
+  c.relabel = False  # DAgger: the planner's action in every state the rollouts reached joins
+  # the demonstrations (weight demo_weight), so the agent learns to recover from its own errors.
+  c.relabel_greedy = True  # With relabel: θ_t also plays every task greedily (as evaluated) on
+  # the rollouts' seeds, and the planner labels those states too.
   c.rollouts = ""  # Set by the driver: the rollout file an iteration's run trains on.
   return c
 
@@ -39,6 +43,8 @@ def validate_config(s: ml_collections.ConfigDict) -> None:
     (math.isfinite(s.demo_weight) and s.demo_weight >= 0,
      f"improve.demo_weight must be >= 0, got {s.demo_weight}"),
     (s.demos_per_task >= 1, f"improve.demos_per_task must be >= 1, got {s.demos_per_task}"),
+    (not s.relabel or s.demo_weight > 0,
+     "improve.relabel trains on the planner's labels with improve.demo_weight: set it > 0"),
   ]  # fmt: skip
   for ok, msg in checks:
     if not ok:

@@ -6,7 +6,10 @@ One update: the policy and `ppo.num_envs` environments step `ppo.num_steps` time
 `ppo.epochs` passes of `ppo.minibatches` minibatches of the clipped surrogate
   L = −min(r·Â, clip(r, 1 ± ε)·Â) + c_v · ½ max((V − R)², (V_clip − R)²) − c_e · H(π),
 Â normalised per minibatch, Adam with a linearly annealed learning rate and a global-norm clip.
-The network (`ActorCritic`): separate MLP towers for the policy and the value.
+The network (`ppo.backbone`, `policies.py`): separate MLP towers for the policy and the value,
+or a Mamba / Hawk block stack whose memory runs over the episode (reset where one opens); the
+recurrent update trains on whole rollout sequences per environment, from the memory the rollout
+started with (minibatches of environments, not of steps).
 
 A run writes WORKDIR/config.json, checkpoints (the whole runner: parameters, optimizer,
 environments, PRNG keys; every `ppo.checkpoint_every` updates, at the end and on SIGTERM: a
@@ -21,11 +24,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import time
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,6 +36,7 @@ from etils import epath
 
 from fulcrum.platform import sections
 from fulcrum.platform import workdir as workdir_lib
+from fulcrum.platform.agents import policies
 from fulcrum.platform.agents.envs import craftax
 from fulcrum.platform.errors import UserError
 from fulcrum.platform.files import write_atomic
@@ -43,27 +45,6 @@ from fulcrum.platform.training.metrics import progress_bar
 from fulcrum.platform.training.trainer import StopSignal
 
 log = logging.getLogger("fulcrum")
-
-
-class ActorCritic(nn.Module):
-  """Policy logits and value from an observation vector (separate tanh MLP towers)."""
-
-  actions: int
-  width: int = 256
-  depth: int = 2
-
-  @nn.compact
-  def __call__(self, obs):
-    def tower(x, name):
-      for i in range(self.depth):
-        dense = nn.Dense(self.width, kernel_init=nn.initializers.orthogonal(math.sqrt(2)),
-                         name=f"{name}_{i}")  # fmt: skip
-        x = nn.tanh(dense(x))
-      return x
-
-    logits = nn.Dense(self.actions, kernel_init=nn.initializers.orthogonal(0.01), name="policy")
-    value = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0), name="value")
-    return logits(tower(obs, "actor")), value(tower(obs, "critic"))[..., 0]
 
 
 class Runner(NamedTuple):
@@ -76,10 +57,14 @@ class Runner(NamedTuple):
   pool: craftax.WorldPool
   key: jax.Array  # Raw uint32 key (checkpointable).
   update: jax.Array  # Updates done.
+  # A recurrent backbone's (first [num_envs] bool: the observation opens an episode, the
+  # layers' caches); () for the MLP.
+  memory: Any = ()
 
 
 class Transition(NamedTuple):
   obs: jax.Array
+  first: jax.Array  # The observation opened an episode.
   action: jax.Array
   logp: jax.Array
   value: jax.Array
@@ -94,8 +79,25 @@ def num_updates(p: ml_collections.ConfigDict) -> int:
   return p.total_steps // (p.num_envs * p.num_steps)
 
 
-def network(p: ml_collections.ConfigDict) -> ActorCritic:
-  return ActorCritic(len(craftax.ACTIONS), p.width, p.depth)
+def network(p: ml_collections.ConfigDict):
+  return policies.build(p.backbone, len(craftax.ACTIONS), p.width, p.depth)
+
+
+def _recurrent(p: ml_collections.ConfigDict) -> bool:
+  return p.backbone in policies.RECURRENT
+
+
+def _split_memory(p, memory, n: int):
+  """(first [n], the network's memory) of a Runner's `memory` field."""
+  if _recurrent(p):
+    return memory
+  return jnp.zeros((n,), bool), ()
+
+
+def _policy(net, params, obs, first, memory):
+  """One step of the network for every environment: (logits, value, memory)."""
+  logits, value, memory = net.apply({"params": params}, obs[:, None], first[:, None], memory)
+  return logits[:, 0], value[:, 0], memory
 
 
 def optimizer(p: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -108,10 +110,12 @@ def init_runner(p: ml_collections.ConfigDict, seed: int) -> Runner:
   key = jax.random.PRNGKey(seed)
   k_net, k_env, k_pool, key = jax.random.split(key, 4)
   env, obs = jax.vmap(craftax.reset)(jax.random.split(k_env, p.num_envs))
-  params = network(p).init(k_net, obs[:1])["params"]
+  net = network(p)
+  params = net.init(k_net, obs[:1, None], jnp.ones((1, 1), bool), net.initial_memory(1))["params"]
   opt_state = optimizer(p).init(params)
   pool = craftax.world_pool(k_pool, p.pool)
-  return Runner(params, opt_state, env, obs, pool, key, jnp.zeros((), jnp.int32))
+  memory = (jnp.ones((p.num_envs,), bool), net.initial_memory(p.num_envs)) if _recurrent(p) else ()
+  return Runner(params, opt_state, env, obs, pool, key, jnp.zeros((), jnp.int32), memory)
 
 
 def gae(rewards, values, ended, last_value, gamma: float, lam: float):
@@ -130,17 +134,19 @@ def gae(rewards, values, ended, last_value, gamma: float, lam: float):
   return adv, adv + values
 
 
-def ppo_loss(params, apply, batch, p: ml_collections.ConfigDict):
-  """The clipped surrogate, clipped value loss and entropy bonus of a minibatch."""
-  logits, value = apply({"params": params}, batch["obs"])
+def ppo_loss(params, forward, batch, p: ml_collections.ConfigDict):
+  """The clipped surrogate, clipped value loss and entropy bonus of a minibatch.
+  `forward(params, batch)` gives the logits and values of its samples, flattened."""
+  logits, value = forward(params, batch)
+  flat = {k: batch[k].reshape(-1) for k in ("action", "logp", "value", "adv", "target")}
   logp_all = jax.nn.log_softmax(logits)
-  logp = jnp.take_along_axis(logp_all, batch["action"][:, None], -1)[:, 0]
-  ratio = jnp.exp(logp - batch["logp"])
-  adv = (batch["adv"] - batch["adv"].mean()) / (batch["adv"].std() + 1e-8)
+  logp = jnp.take_along_axis(logp_all, flat["action"][:, None], -1)[:, 0]
+  ratio = jnp.exp(logp - flat["logp"])
+  adv = (flat["adv"] - flat["adv"].mean()) / (flat["adv"].std() + 1e-8)
   policy = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - p.clip, 1 + p.clip) * adv).mean()
-  clipped = batch["value"] + jnp.clip(value - batch["value"], -p.clip, p.clip)
-  value_loss = 0.5 * jnp.maximum((value - batch["target"]) ** 2,
-                                 (clipped - batch["target"]) ** 2).mean()  # fmt: skip
+  clipped = flat["value"] + jnp.clip(value - flat["value"], -p.clip, p.clip)
+  value_loss = 0.5 * jnp.maximum((value - flat["target"]) ** 2,
+                                 (clipped - flat["target"]) ** 2).mean()  # fmt: skip
   entropy = -(jnp.exp(logp_all) * logp_all).sum(-1).mean()
   total = policy + p.vf_coef * value_loss - p.ent_coef * entropy
   return total, {"policy_loss": policy, "value_loss": value_loss, "entropy": entropy}
@@ -161,13 +167,15 @@ def _rollout(p: ml_collections.ConfigDict, runner: Runner, steps: int):
 
   def act(runner, _):
     key, k_act = jax.random.split(runner.key)
-    logits, value = net.apply({"params": runner.params}, runner.obs)
+    first, memory = _split_memory(p, runner.memory, runner.obs.shape[0])
+    logits, value, memory = _policy(net, runner.params, runner.obs, first, memory)
     action = jax.random.categorical(k_act, logits)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], -1)[:, 0]
     env, obs, reward, ended, info, pool = craftax.auto_reset_batch(runner.env, action, runner.pool)
-    step = Transition(runner.obs, action, logp, value, reward, ended, info["achievements"],
+    step = Transition(runner.obs, first, action, logp, value, reward, ended, info["achievements"],
                       info["episode_return"], info["episode_length"])  # fmt: skip
-    return runner._replace(env=env, obs=obs, pool=pool, key=key), step
+    memory = (ended, memory) if _recurrent(p) else ()  # An ended episode's next obs opens one.
+    return runner._replace(env=env, obs=obs, pool=pool, key=key, memory=memory), step
 
   return jax.lax.scan(act, runner, None, steps)
 
@@ -202,7 +210,11 @@ def _play_fn(key: tuple, steps: int):
 
 def uniform_policy(params):
   """`params` with the policy head zeroed: every action equally likely (the random agent)."""
-  return {**params, "policy": jax.tree.map(jnp.zeros_like, params["policy"])}
+
+  def zero(path, x):
+    return jnp.zeros_like(x) if any(getattr(k, "key", None) == "policy" for k in path) else x
+
+  return jax.tree_util.tree_map_with_path(zero, params)
 
 
 @functools.cache
@@ -210,16 +222,32 @@ def _make_update(key: tuple):
   p = ml_collections.ConfigDict(dict(key))
   net, tx = network(p), optimizer(p)
 
+  recurrent = _recurrent(p)
+
+  def forward(params, batch):
+    if recurrent:  # Whole sequences [envs, T] from the memory their rollout started with.
+      logits, value, _ = net.apply({"params": params}, batch["obs"], batch["first"],
+                                   batch["memory"])  # fmt: skip
+      return logits.reshape(-1, logits.shape[-1]), value.reshape(-1)
+    logits, value, _ = net.apply({"params": params}, batch["obs"][:, None])
+    return logits[:, 0], value[:, 0]
+
   def update(runner: Runner):
+    start_memory = _split_memory(p, runner.memory, p.num_envs)[1]
     runner, traj = _rollout(p, runner, p.num_steps)
-    _, last_value = net.apply({"params": runner.params}, runner.obs)
+    first, memory = _split_memory(p, runner.memory, p.num_envs)
+    _, last_value, _ = _policy(net, runner.params, runner.obs, first, memory)
     adv, target = gae(traj.reward, traj.value, traj.ended, last_value, p.gamma, p.gae_lambda)
-    flat = {
-      "obs": traj.obs, "action": traj.action, "logp": traj.logp, "value": traj.value,
-      "adv": adv, "target": target,
+    data = {
+      "obs": traj.obs, "first": traj.first, "action": traj.action, "logp": traj.logp,
+      "value": traj.value, "adv": adv, "target": target,
     }  # fmt: skip
-    n = p.num_envs * p.num_steps
-    flat = jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), flat)
+    if recurrent:  # Minibatches of environments: [envs, T, ...] and each one's start memory.
+      n = p.num_envs
+      data = {**jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), data), "memory": start_memory}
+    else:  # Minibatches of steps.
+      n = p.num_envs * p.num_steps
+      data = jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), data)
 
     def epoch(carry, key):
       params, opt_state = carry
@@ -227,8 +255,8 @@ def _make_update(key: tuple):
 
       def minibatch(carry, idx):
         params, opt_state = carry
-        batch = jax.tree.map(lambda x: x[idx], flat)
-        grads, stats = jax.grad(ppo_loss, has_aux=True)(params, net.apply, batch, p)
+        batch = jax.tree.map(lambda x: x[idx], data)
+        grads, stats = jax.grad(ppo_loss, has_aux=True)(params, forward, batch, p)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), stats
 

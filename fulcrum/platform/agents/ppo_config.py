@@ -7,16 +7,16 @@ import math
 import ml_collections
 
 ENVS = ("craftax_classic",)
-BACKBONES = ("mlp",)
+BACKBONES = ("mlp", "mamba", "hawk")  # The MLP, or a sequence model with memory over the episode.
 
 
 def config_defaults() -> ml_collections.ConfigDict:
   """Every `ppo.*` key with its default (Craftax's PPO baseline's, scaled to CPU)."""
   c = ml_collections.ConfigDict()
   c.env = "craftax_classic"  # The environment.
-  c.backbone = "mlp"  # The policy and value networks.
-  c.width = 256  # Hidden units per layer.
-  c.depth = 2  # Hidden layers (the actor and the critic each have their own).
+  c.backbone = "mlp"  # The policy and value networks: mlp | mamba | hawk (agents/policies.py).
+  c.width = 256  # Hidden units per layer (a sequence backbone's d_model).
+  c.depth = 2  # Hidden layers (the MLP's actor and critic each have their own; blocks).
   c.num_envs = 64  # Environments stepped together.
   c.num_steps = 64  # Steps per environment per update (the rollout's length).
   c.total_steps = 1_000_000  # Environment steps in all (num_envs × num_steps per update).
@@ -48,6 +48,9 @@ def validate_config(s: ml_collections.ConfigDict) -> None:
     (s.total_steps >= s.num_envs * s.num_steps, f"ppo.total_steps={s.total_steps} is less "
      f"than one update (ppo.num_envs × ppo.num_steps = {s.num_envs * s.num_steps})"),
     (s.epochs >= 1, f"ppo.epochs must be >= 1, got {s.epochs}"),
+    (s.backbone == "mlp" or s.num_envs % s.minibatches == 0,
+     f"ppo.backbone={s.backbone} trains on minibatches of whole environments' sequences: "
+     f"ppo.minibatches={s.minibatches} must divide ppo.num_envs={s.num_envs}"),
     (s.minibatches >= 1 and (s.num_envs * s.num_steps) % s.minibatches == 0,
      f"ppo.minibatches={s.minibatches} must divide ppo.num_envs × ppo.num_steps = "
      f"{s.num_envs * s.num_steps}"),

@@ -26,13 +26,18 @@ def record(model, params, interface: rollout.Interface, task: envs.Task, seed: i
   chosen = np.asarray(turns.action)[np.asarray(turns.live)[:, 0], 0]
   encoded = interface.env.encoded()
   reset, step = jax.jit(envs.reset), jax.jit(envs.step)
+  # One compiled program per view (run op by op, rendering compiled ~150 tiny programs: 20 s).
+  view = jax.jit(lambda s: (envs.text(s), envs.rgb(s)))
   state, _ = reset(jax.random.PRNGKey(seed), envs.to_arrays(task))
-  text, frames = [], [np.asarray(envs.rgb(state))]
+  observation, frame = jax.device_get(view(state))
+  text, frames = [], [np.asarray(frame)]
   info = {"success": False}
   for t, a in enumerate(chosen):
-    text.append(f"--- turn {t}\n{envs.text_str(state)}\n> {interface.actions[a]}")
+    words = bytes(np.asarray(observation)).decode("ascii")
+    text.append(f"--- turn {t}\n{words}\n> {interface.actions[a]}")
     state, _, _, _, info = step(state, jnp.asarray(encoded[a]))
-    frames.append(np.asarray(envs.rgb(state)))
+    observation, frame = jax.device_get(view(state))
+    frames.append(np.asarray(frame))
   text.append(
     f"--- {'success' if bool(info['success']) else 'not solved'} after {len(chosen)} turns"
   )

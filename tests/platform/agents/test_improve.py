@@ -122,6 +122,14 @@ def test_bench_agents_and_the_improvement_rounds_end_to_end(tmp_path, monkeypatc
   assert workdir_lib.checkpointed_run(workdir).name == "0"
   arrays, meta = arrays_file.load(workdir / "iterations" / "0" / "rollouts.npz")
   assert meta["iteration"] == 0 and arrays["demo"].sum() > 0  # The anchor rows ride along.
+  # DAgger (the recipe's improve.relabel): a planner-labelled row for every turn played, sampled
+  # and greedy (improve.relabel_greedy), beside the planner's own demonstrations.
+  planner_rows = len(arrays_file.load(workdir / "demos.npz")[0]["inputs"])
+  assert arrays["demo"].sum() == planner_rows + meta["improve/relabelled"]
+  assert meta["improve/relabelled"] > meta["improve/turns"] > 0
+  for key in ("improve/planner_agreement", "improve/planner_agreement_greedy",
+              "improve/greedy_success"):  # fmt: skip
+    assert 0.0 <= meta[key] <= 1.0, key
   own = {k: v[arrays["demo"] == 0] for k, v in arrays.items()}
   assert len(own["inputs"]) == meta["improve/rows"] > 0 and (own["advantage"] != 0).all()
   exp, bc, _ = workdir_lib.load(tmp_path / "quick")  # θ_0.

@@ -16,7 +16,7 @@ import pytest
 from fulcrum import recipes
 from fulcrum.benchmarks import bench_craftax
 from fulcrum.platform import launch
-from fulcrum.platform.agents import ppo
+from fulcrum.platform.agents import policies, ppo
 from fulcrum.platform.agents.envs import craftax
 from fulcrum.platform.training import trainer
 
@@ -46,7 +46,7 @@ def test_gae_matches_the_recursion():
 def test_ppo_loss_matches_a_naive_computation():
   config = recipes.get("craftax_ppo")
   p = config.ppo
-  net = ppo.ActorCritic(5, 8, 1)
+  net = policies.ActorCritic(5, 8, 1)
   rng = np.random.default_rng(1)
   obs = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
   params = net.init(jax.random.key(0), obs)["params"]
@@ -58,8 +58,8 @@ def test_ppo_loss_matches_a_naive_computation():
     "adv": jnp.asarray(rng.normal(size=6), jnp.float32),
     "target": jnp.asarray(rng.normal(size=6), jnp.float32),
   }
-  total, stats = ppo.ppo_loss(params, net.apply, batch, p)
-  logits, value = (np.asarray(x, np.float64) for x in net.apply({"params": params}, obs))
+  total, stats = ppo.ppo_loss(params, lambda q, b: net.apply({"params": q}, b["obs"])[:2], batch, p)
+  logits, value = (np.asarray(x, np.float64) for x in net.apply({"params": params}, obs)[:2])
   logp_all = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   b = {k: np.asarray(v, np.float64) for k, v in batch.items()}
   ratio = np.exp(logp_all[np.arange(6), b["action"].astype(int)] - b["logp"])
@@ -70,6 +70,39 @@ def test_ppo_loss_matches_a_naive_computation():
   entropy = -(np.exp(logp_all) * logp_all).sum(-1).mean()
   np.testing.assert_allclose(total, policy + p.vf_coef * vloss - p.ent_coef * entropy, rtol=1e-5)
   np.testing.assert_allclose(stats["entropy"], entropy, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", policies.RECURRENT)
+def test_a_recurrent_policy_stepped_as_the_rollout_equals_its_sequence_in_the_update(backbone):
+  """The rollout steps the network one observation at a time, carrying its memory; the update
+  runs each environment's whole sequence from the memory the rollout started with. They must
+  agree (PPO's ratio is 1 at the policy that acted), the memory must matter, and an episode that
+  opens mid-sequence must start from the empty memory."""
+  net = policies.build(backbone, 5, 16, 2)
+  n, t = 3, 7
+  obs = jax.random.normal(jax.random.key(0), (n, t, 11))
+  first = np.zeros((n, t), bool)
+  first[:, 0], first[1, 4] = True, True  # Environment 1's second episode opens at step 4.
+  first = jnp.asarray(first)
+  start = net.initial_memory(n)
+  params = net.init(jax.random.key(1), obs[:, :1], first[:, :1], start)["params"]
+  logits, value, _ = net.apply({"params": params}, obs, first, start)
+  memory, stepped = start, []
+  for i in range(t):
+    out, v, memory = net.apply({"params": params}, obs[:, i : i + 1], first[:, i : i + 1], memory)
+    stepped.append((out[:, 0], v[:, 0]))
+  np.testing.assert_allclose(jnp.stack([s[0] for s in stepped], 1), logits, atol=1e-5)
+  np.testing.assert_allclose(jnp.stack([s[1] for s in stepped], 1), value, atol=1e-5)
+  fresh, _, _ = net.apply({"params": params}, obs[1:2, 4:], first[1:2, 4:], net.initial_memory(1))
+  np.testing.assert_allclose(fresh[0], logits[1, 4:], atol=1e-5)
+  # Carrying environment 1's end-of-sequence memory instead changes the value (the policy head
+  # starts near zero: its logits are too small to show it).
+  _, carried, _ = net.apply({"params": params}, obs[1:2, 4:], jnp.zeros((1, 3), bool),
+                            jax.tree.map(lambda m: m[1:2], memory))  # fmt: skip
+  assert float(jnp.abs(carried[0] - value[1, 4:]).max()) > 1e-3
+  zeroed = ppo.uniform_policy(params)
+  uniform, _, _ = net.apply({"params": zeroed}, obs, first, start)
+  np.testing.assert_allclose(uniform, 0.0, atol=1e-6)
 
 
 def test_crafter_score():
@@ -150,3 +183,29 @@ def test_ppo_trains_reports_and_resumes_exactly(tmp_path, cli, monkeypatch):
   bad = cli("train", "--recipe", "craftax_ppo", "--workdir", tmp_path / "bad",
             "--set", "ppo.minibatches=3")  # fmt: skip
   assert bad[0] == 2 and "ppo.minibatches=3 must divide" in bad[2]
+
+
+@pytest.mark.craftax
+def test_a_recurrent_ppo_run_resumes_exactly_with_its_memory(tmp_path, monkeypatch):
+  """A Hawk-backbone PPO run stopped after update 1 and rerun equals an uninterrupted one: the
+  checkpoint holds each environment's memory and episode-start flags."""
+  config = recipes.get("craftax_ppo")
+  with config.unlocked():
+    config.train.progress = False
+    for key, value in {"backbone": "hawk", "num_envs": 4, "num_steps": 8, "total_steps": 96,
+                       "minibatches": 2, "width": 16, "depth": 1, "pool": 2,
+                       "log_every": 1}.items():  # fmt: skip
+      config.ppo[key] = value
+  whole = launch.train(config, tmp_path / "whole")
+  original = trainer.StopSignal.agreed
+  monkeypatch.setattr(trainer.StopSignal, "agreed", lambda self, step: step == 1)
+  assert launch.train(config, tmp_path / "split")["preempted"]
+  monkeypatch.setattr(trainer.StopSignal, "agreed", original)
+  resumed = launch.train(config, tmp_path / "split")
+  losses = [
+    [(r["policy_loss"], r["value_loss"], r["entropy"]) for r in map(json.loads, lines)]
+    for lines in ((tmp_path / d / "metrics.jsonl").read_text().splitlines()
+                  for d in ("whole", "split"))
+  ]  # fmt: skip
+  assert len(losses[0]) == 3 and losses[1] == losses[0]
+  assert resumed["report"] == whole["report"]

@@ -48,7 +48,7 @@ class AgentCloning(Task):
     tasks = evaluation.selected_tasks(self.config)
     print(f"fulcrum: agent: planner demonstrations of {len(tasks)} tasks x {len(seeds)} seeds",
           file=sys.stderr)  # fmt: skip
-    eps = demos.episodes(tasks, seeds)
+    eps = demos.cached_episodes(tasks, seeds, demos.cache_dir(self.config))
     failed = [f"{e.task}@{e.seed}" for e in eps if not e.success]
     if failed:
       raise RuntimeError(f"the planner failed {failed[:5]}: its demonstrations would be wrong")

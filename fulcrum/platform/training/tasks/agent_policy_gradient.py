@@ -11,7 +11,8 @@ stay near the policy that played them (plain REINFORCE on negative advantages dr
 log-probabilities down without bound: measured, it collapsed the agent to 0 success):
   r = exp(log p_θ(action) − log p_θt(action)),  L = −mean_rows min(r·A, clip(r, 1 ± ε)·A),
 A being the episode's return minus its task group's leave-one-out mean. At θ = θ_t the gradient
-is REINFORCE's, −A ∇ log p_θ(action). Demonstration rows (an optional anchor) add
+is REINFORCE's, −A ∇ log p_θ(action). Demonstration rows (planner episodes, and with
+`improve.relabel` the planner's action in each state the rollouts reached) add
 `improve.demo_weight` × their mean token NLL. Evaluation is behaviour cloning's (`eval/success`
 on held-out seeds, action loss on held-out demonstrations).
 """
