@@ -1,14 +1,15 @@
-"""Improving the behaviour-cloned agent past its demonstrations with policy gradient.
+"""Improving the behaviour-cloned agent past its demonstrations: DAgger relabelling and policy
+gradient on its own rollouts.
 
-Starts from an `agent_bc` run (`improve.init_from`) and runs 5 rounds of policy gradient with a
-leave-one-out baseline and PPO's clipped ratio (`agents/improve.py`): each round the agent
-samples 8 episodes of every Lite task on fresh training seeds, each turn of an episode is
-weighted by how much better its return (best progress + success) was than the other 7 episodes
-of its task (divided by the episode's turns), and 150 optimizer steps train on those rows.
-About 8 minutes a round on 2 CPU cores. Held-out success (greedy, 8 seeds a task) is reported
-per round, with θ_0's in WORKDIR/base.json. Measured from the bench's agent_bc (0.542): 0.567,
-0.600, 0.558, 0.417, 0.508 after rounds 0-4, i.e. no gain over behaviour cloning yet (paired
-difference −0.033 ± 0.077; README's Agents section, `benchmarks/results/agents.md`).
+Starts from an `agent_bc` run (`improve.init_from`) and runs 3 rounds (`agents/improve.py`):
+each round the agent samples 8 episodes of every Lite task on fresh training seeds and plays the
+same seeds greedily; the planner labels every state either rollout reached (DAgger, weight 1,
+beside 4 planner episodes a task), and each sampled turn is also weighted by how much better its
+episode's return (best progress + success) was than the other 7 of its task, on PPO's clipped
+ratio. 150 optimizer steps a round, ~8 minutes a round on 2 CPU cores. Held-out success (greedy,
+8 seeds a task) per round, with θ_0's in WORKDIR/base.json. Measured from the bench's agent_bc
+(0.542): 0.642, 0.550, 0.483 after rounds 0-2: the first round gains +0.10, later rounds lose it
+(README's Agents section, `benchmarks/results/agents.md`).
 
   make agent                                  # trains runs/agent_bc first
   fulcrum train --recipe agent_improve --workdir runs/agent_improve \\
