@@ -234,23 +234,3 @@ def gcs_bucket():
     # The server is not stopped here: it ends itself once this process is gone. Objects that
     # upload once more at interpreter exit (tensorboardX's gs:// event writer, kept alive by its
     # atexit hook) would otherwise retry against a dead port for two minutes.
-
-
-# The modules holding the longest single tests (measured on 2 cores: the agent bench end to end
-# ~100 s, two-host resume ~70 s, notebooks and SPIN on every architecture ~30 s each), run first:
-# with two workers the suite ends when the slower one does, and a long test drawn last kept one
-# worker busy while the other idled.
-LONGEST_FIRST = (
-  "tests/platform/agents/test_improve.py",
-  "tests/platform/training/test_multihost.py",
-  "tests/test_notebooks.py",
-  "tests/platform/selfplay/test_spin_archs.py",
-  "tests/benchmarks/test_benchmarks.py",
-  "tests/platform/training/test_train.py",
-)
-
-
-@pytest.hookimpl(trylast=True)  # After pytest groups the tests by their fixtures.
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
