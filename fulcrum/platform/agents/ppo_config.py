@@ -6,8 +6,10 @@ import math
 
 import ml_collections
 
+from fulcrum.platform.agents import policies
+
 ENVS = ("craftax_classic",)
-BACKBONES = ("mlp", "mamba", "hawk")  # The MLP, or a sequence model with memory over the episode.
+BACKBONES = ("mlp", *policies.RECURRENT)  # The MLP, or a sequence model with memory.
 
 
 def config_defaults() -> ml_collections.ConfigDict:
