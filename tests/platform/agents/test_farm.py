@@ -210,11 +210,12 @@ def test_vmap_jit_equals_stepping_one_by_one(env):
     np.testing.assert_array_equal(np.asarray(o), np.asarray(obs[i]))
   for t in range(len(acts)):
     state, obs, reward, done, info = env["vstep"](state, acts[t])
+    batched = jax.tree.map(np.asarray, (state, obs, reward, done, info))  # Sliced on the host.
     for i in range(B):
       eager = t < 3 and i < 3  # un-jitted for the first steps of a few environments
       step = farm.step if eager else env["step"]
       one[i], o, r, d, inf = step(one[i], acts[t, i])
-      got = jax.tree.map(lambda x, i=i: x[i], (state, obs, reward, done, info))
+      got = jax.tree.map(lambda x, i=i: x[i], batched)
       _equal_trees((one[i], o, r, d, inf), got, f"step {t} env {i}")
 
 

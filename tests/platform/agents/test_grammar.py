@@ -126,7 +126,13 @@ def test_sampled_actions_are_always_valid_and_cache_matches_a_full_forward(name)
     cache,
     method="decode",
   )
-  for row in range(len(PROMPTS)):
-    full = np.array(PROMPTS[row] + [int(t) for t in tokens[row, : length[row]]])
-    want = m.apply({"params": params}, jnp.asarray(full[None]))[0, -1]
+  # Every row's prompt + action, right-padded, in one causal forward pass (padding after a
+  # row's last token cannot change its logits there).
+  fulls = [p + [int(t) for t in tokens[row, : length[row]]] for row, p in enumerate(PROMPTS)]
+  padded = np.zeros((len(fulls), max(map(len, fulls))), np.int32)
+  for row, full in enumerate(fulls):
+    padded[row, : len(full)] = full
+  forward = jax.jit(m.apply)({"params": params}, jnp.asarray(padded))
+  for row, full in enumerate(fulls):
+    want = forward[row, len(full) - 1]
     np.testing.assert_allclose(np.asarray(logits[row, -1]), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -85,23 +85,24 @@ def test_a_recurrent_policy_stepped_as_the_rollout_equals_its_sequence_in_the_up
   first[:, 0], first[1, 4] = True, True  # Environment 1's second episode opens at step 4.
   first = jnp.asarray(first)
   start = net.initial_memory(n)
-  params = net.init(jax.random.key(1), obs[:, :1], first[:, :1], start)["params"]
-  logits, value, _ = net.apply({"params": params}, obs, first, start)
+  params = jax.jit(net.init)(jax.random.key(1), obs[:, :1], first[:, :1], start)["params"]
+  apply = jax.jit(net.apply)  # One compile per shape, not op-by-op dispatch.
+  logits, value, _ = apply({"params": params}, obs, first, start)
   memory, stepped = start, []
   for i in range(t):
-    out, v, memory = net.apply({"params": params}, obs[:, i : i + 1], first[:, i : i + 1], memory)
+    out, v, memory = apply({"params": params}, obs[:, i : i + 1], first[:, i : i + 1], memory)
     stepped.append((out[:, 0], v[:, 0]))
   np.testing.assert_allclose(jnp.stack([s[0] for s in stepped], 1), logits, atol=1e-5)
   np.testing.assert_allclose(jnp.stack([s[1] for s in stepped], 1), value, atol=1e-5)
-  fresh, _, _ = net.apply({"params": params}, obs[1:2, 4:], first[1:2, 4:], net.initial_memory(1))
+  fresh, _, _ = apply({"params": params}, obs[1:2, 4:], first[1:2, 4:], net.initial_memory(1))
   np.testing.assert_allclose(fresh[0], logits[1, 4:], atol=1e-5)
   # Carrying environment 1's end-of-sequence memory instead changes the value (the policy head
   # starts near zero: its logits are too small to show it).
-  _, carried, _ = net.apply({"params": params}, obs[1:2, 4:], jnp.zeros((1, 3), bool),
-                            jax.tree.map(lambda m: m[1:2], memory))  # fmt: skip
+  _, carried, _ = apply({"params": params}, obs[1:2, 4:], jnp.zeros((1, 3), bool),
+                        jax.tree.map(lambda m: m[1:2], memory))  # fmt: skip
   assert float(jnp.abs(carried[0] - value[1, 4:]).max()) > 1e-3
   zeroed = ppo.uniform_policy(params)
-  uniform, _, _ = net.apply({"params": zeroed}, obs, first, start)
+  uniform, _, _ = apply({"params": zeroed}, obs, first, start)
   np.testing.assert_allclose(uniform, 0.0, atol=1e-6)
 
 

@@ -50,7 +50,7 @@ def logits(model: nn.Module, params, tokens=TOKENS) -> np.ndarray:
 def test_at_init_the_adapted_model_is_the_base_model(arch, scan):
   c = config(arch, scan_layers=scan, remat=scan)
   adapted = build(dataclasses.replace(c, lora_rank=4))
-  params = nn.unbox(adapted.init(jax.random.key(0), TOKENS)["params"])
+  params = nn.unbox(jax.jit(adapted.init)(jax.random.key(0), TOKENS)["params"])
   assert lora.adapter_count(params) > 0
   np.testing.assert_array_equal(logits(adapted, params), logits(build(c), without_adapters(params)))
 

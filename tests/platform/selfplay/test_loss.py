@@ -105,11 +105,12 @@ def test_at_the_opponent_loss_is_log2_and_gradient_is_the_logprob_gap():
     )  # fmt: skip
     return spin.spin_loss(h, "logistic").mean()
 
-  np.testing.assert_allclose(float(loss(params)), np.log(2.0), rtol=1e-5)
-  fresh = np.asarray(side_logp(params, "real"))
+  np.testing.assert_allclose(float(jax.jit(loss)(params)), np.log(2.0), rtol=1e-5)
+  fresh = np.asarray(jax.jit(side_logp, static_argnums=1)(params, "real"))
   np.testing.assert_allclose(arrays["opponent_real"], fresh, rtol=1e-5, atol=1e-5)
   gap = lambda p: -beta / 2 * (side_logp(p, "real") - side_logp(p, "generated")).mean()
-  g_loss, g_gap = jax.grad(loss)(params), jax.grad(gap)(params)
+  g_loss, g_gap = jax.jit(jax.grad(loss))(params), jax.jit(jax.grad(gap))(params)  # Compiled:
+  # op-by-op, the two backward passes took most of this test's ~30 s.
   for a, b in zip(jax.tree.leaves(g_loss), jax.tree.leaves(g_gap), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
