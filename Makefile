@@ -77,8 +77,8 @@ agent: setup
 	$(BIN)/fulcrum train --recipe agent_bc --workdir runs/agent_bc $(ARGS)
 	$(BIN)/fulcrum agent eval --workdir runs/agent_bc --tasks lite --episodes 8 --record runs/agent_bc/episode
 
-# Policy-gradient rounds on the agent's own rollouts, from `make agent`'s runs/agent_bc; prints
-# the per-round table (held-out success with 95% intervals, rollout success and return).
+# DAgger rounds on the agent's own rollouts (~10 min each), from `make agent`'s runs/agent_bc;
+# prints the per-round table (held-out success with 95% intervals, the labelled states).
 agent-improve: setup
 	test -d runs/agent_bc/checkpoints || $(MAKE) agent
 	$(BIN)/fulcrum train --recipe agent_improve --workdir runs/agent_improve --set improve.init_from=runs/agent_bc $(ARGS)

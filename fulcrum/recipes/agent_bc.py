@@ -6,7 +6,7 @@ in words, the prompt mark), from 16 planner episodes per Lite task. Evaluation p
 task on 4 held-out seeds with grammar-constrained greedy actions in one compiled rollout:
 `eval/success` (overall and per domain), `eval/progress`, `eval/invalid_action_rate` (0 by
 construction), and `eval/action_accuracy` on held-out demonstrations. Expected: success ≈ 0.5
-(measured 0.54 ± 0.09 over 8 seeds a task; random 0.18, planner 1.00; combat is the weak domain)
+(measured 0.56 ± 0.06 over 16 seeds a task; random 0.18, planner 1.00; combat is the weak domain)
 and action accuracy ≈ 0.72; ~10 min of train steps on 2 quiet CPU cores plus ~3 min of planner
 demonstrations (the first time: they are cached in data.data_dir); `benchmarks/results/agents.md`.
 

@@ -19,7 +19,10 @@ and (`improve.relabel`) DAgger's expert labels for the states the agent itself r
        with `improve.relabel`, every turn played also becomes a demonstration row labelled with
        the planner's action in that state (`relabel.py`), trained with `improve.demo_weight`
        beside `improve.demos_per_task` planner episodes a task: the agent learns what to do in
-       the states its own mistakes lead to, which behaviour cloning never shows it;
+       the states its own mistakes lead to, which behaviour cloning never shows it; with
+       `improve.aggregate` each round also keeps every earlier round's labelled states
+       (DAgger's aggregate dataset, WORKDIR/iterations/s/relabelled.npz); `improve.pg_weight`
+       scales the policy-gradient term (0: DAgger alone);
     4. one row per iteration in WORKDIR/metrics.jsonl: held-out success, the rollouts' success
        and return, rows, env steps/s.
 
@@ -59,6 +62,7 @@ SOURCE_KEY = "improve.init_from"
 TRAIN_SEED = 100_000  # Rollout seeds: iteration t plays from TRAIN_SEED + t · SEED_STRIDE.
 SEED_STRIDE = 10_000  # (Demonstrations use seeds from 0, evaluation from EVAL_SEED.)
 ROW_KEYS = ("inputs", "targets", "weights")
+RELABELLED = "relabelled.npz"  # An iteration's own relabelled rows (improve.aggregate reads them).
 
 
 def with_source_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -107,7 +111,9 @@ def _rows(interface: rollout.Interface, contexts: np.ndarray, actions: np.ndarra
 
 
 def collect(model, params, config: ml_collections.ConfigDict, t: int):
-  """θ_t's rollouts of iteration t: (rows with their advantages, statistics)."""
+  """θ_t's rollouts of iteration t: (policy-gradient rows with their advantages, the planner's
+  labels of the states they reached as demonstration rows (None without `improve.relabel`),
+  statistics)."""
   i = config.improve
   interface = evaluation.interface(config)
   groups = collections.defaultdict(list)
@@ -146,7 +152,8 @@ def collect(model, params, config: ml_collections.ConfigDict, t: int):
     adv = advantages(ret.reshape(len(chosen), i.episodes)).reshape(-1)
     live = np.asarray(turns.live) & (np.asarray(turns.action) >= 0)
     lengths = np.maximum(live.sum(0), 1)  # Each episode's turns.
-    step_idx, env_idx = np.nonzero(live & (adv != 0)[None])
+    keep = (adv != 0) & (i.pg_weight > 0)  # pg_weight = 0: no policy-gradient rows.
+    step_idx, env_idx = np.nonzero(live & keep[None])
     contexts.append(np.asarray(turns.context)[step_idx, env_idx])
     actions.append(np.asarray(turns.action)[step_idx, env_idx])
     weights.append((adv / lengths)[env_idx].astype(np.float32))
@@ -156,7 +163,7 @@ def collect(model, params, config: ml_collections.ConfigDict, t: int):
   seconds = time.perf_counter() - start
   episode_turns = np.concatenate(episode_turns)
   contexts, actions = np.concatenate(contexts), np.concatenate(actions)
-  if not len(actions) and not i.relabel and i.demo_weight == 0:
+  if not len(actions) and not i.relabel and i.demo_weight == 0:  # (pg_weight > 0 here)
     raise UserError(
       f"iteration {t}: every task's {i.episodes} episodes had the same return, so there is "
       "nothing to learn from; raise improve.episodes or improve.temperature"
@@ -170,10 +177,10 @@ def collect(model, params, config: ml_collections.ConfigDict, t: int):
   # θ_t's log-probabilities of the actions it took, as the loss computes them (the ratio's base).
   arrays["old_logp"] = arrays_file.score(model, params, arrays) if len(actions) else \
     np.zeros(0, np.float32)  # fmt: skip
+  expert = None
   if i.relabel:
     expert = _as_demos(_rows(interface, np.concatenate(expert_contexts),
                              np.concatenate(expert_actions)))  # fmt: skip
-    arrays = arrays_file.concat(arrays, expert)
   stats = {
     "improve/rollout_success": float(np.concatenate(successes).mean()),
     "improve/rollout_return": float(np.concatenate(returns).mean()),
@@ -187,7 +194,36 @@ def collect(model, params, config: ml_collections.ConfigDict, t: int):
   if greedy_success:  # θ_t greedy on the training seeds, and its agreement with the planner.
     stats["improve/greedy_success"] = float(np.concatenate(greedy_success).mean())
     stats["improve/planner_agreement_greedy"] = float(np.concatenate(agreement["greedy"]).mean())
+  return arrays, expert, stats
+
+
+def training_rows(config, workdir: epath.Path, t: int, arrays, expert, stats):
+  """Round t's training rows: its policy-gradient rows, the planner's labels of the states it
+  reached (saved in its directory first; with `improve.aggregate` every earlier round's too)
+  and the planner demonstrations (demo_weight > 0); and `stats` with the labelled rows' count."""
+  i = config.improve
+  directory = workdir_lib.iteration_dir(workdir, t)
+  directory.mkdir(parents=True, exist_ok=True)
+  if expert is not None:  # This round's labelled states, kept apart for later rounds.
+    arrays_file.save(directory / RELABELLED, expert, {"iteration": t})
+    if i.aggregate:  # DAgger's aggregate dataset: every earlier round's labelled states too.
+      expert = arrays_file.concat(*[_relabelled(workdir, s) for s in range(t)], expert)
+    stats = {**stats, "improve/relabelled_total": len(expert["inputs"])}
+    arrays = arrays_file.concat(arrays, expert)
+  if i.demo_weight > 0:
+    arrays = arrays_file.concat(arrays, _demo_rows(config, workdir))
   return arrays, stats
+
+
+def _relabelled(workdir: epath.Path, t: int) -> dict[str, np.ndarray]:
+  """Round t's relabelled rows (written before its rollout file, so present once that is)."""
+  path = workdir_lib.iteration_dir(workdir, t) / RELABELLED
+  if not path.exists():
+    raise UserError(
+      f"improve.aggregate: {path} is missing (round {t} ran without improve.relabel); use a new "
+      "--workdir"
+    )
+  return arrays_file.load(path)[0]
 
 
 def _as_demos(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -240,6 +276,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ("rows", "improve/rows", "{:d}"),
     ("greedy success (train seeds)", "improve/greedy_success", "{:.3f}"),
     ("relabelled rows", "improve/relabelled", "{:d}"),
+    ("labelled rows trained", "improve/relabelled_total", "{:d}"),
   ]
   return driver.iteration_table(rows, "θ_0 (start)", "iteration {}", columns)
 
@@ -286,10 +323,8 @@ def _iterate(config, workdir, source, params) -> dict[str, Any]:
     if not path.exists():
       if params is None:
         params = driver.load_params(workdir_lib.iteration_dir(workdir, t - 1))
-      arrays, stats = collect(model, params, config, t)
-      if i.demo_weight > 0:
-        arrays = arrays_file.concat(arrays, _demo_rows(config, workdir))
-      directory.mkdir(parents=True, exist_ok=True)
+      arrays, expert, stats = collect(model, params, config, t)
+      arrays, stats = training_rows(config, workdir, t, arrays, expert, stats)
       arrays_file.save(path, arrays, {"iteration": t, **stats})
       log.info(
         "improve %d: %d rows, rollout success %.3f, %.0f env steps/s",

@@ -24,6 +24,10 @@ def config_defaults() -> ml_collections.ConfigDict:
   # the demonstrations (weight demo_weight), so the agent learns to recover from its own errors.
   c.relabel_greedy = True  # With relabel: θ_t also plays every task greedily (as evaluated) on
   # the rollouts' seeds, and the planner labels those states too.
+  c.aggregate = False  # With relabel: each round also trains on every earlier round's labelled
+  # states (DAgger's aggregate dataset), not only its own.
+  c.pg_weight = 1.0  # Weight of the policy-gradient loss; 0 keeps no rollout rows (relabelling
+  # and demonstrations only: plain DAgger).
   c.rollouts = ""  # Set by the driver: the rollout file an iteration's run trains on.
   return c
 
@@ -45,6 +49,12 @@ def validate_config(s: ml_collections.ConfigDict) -> None:
     (s.demos_per_task >= 1, f"improve.demos_per_task must be >= 1, got {s.demos_per_task}"),
     (not s.relabel or s.demo_weight > 0,
      "improve.relabel trains on the planner's labels with improve.demo_weight: set it > 0"),
+    (not s.aggregate or s.relabel,
+     "improve.aggregate keeps earlier rounds' relabelled states: set improve.relabel=true"),
+    (math.isfinite(s.pg_weight) and s.pg_weight >= 0,
+     f"improve.pg_weight must be >= 0, got {s.pg_weight}"),
+    (s.pg_weight > 0 or s.demo_weight > 0,
+     "improve.pg_weight=0 and improve.demo_weight=0 leave nothing to train on"),
   ]  # fmt: skip
   for ok, msg in checks:
     if not ok:

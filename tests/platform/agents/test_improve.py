@@ -85,11 +85,20 @@ def test_policy_gradient_loss_clips_moves_past_the_trust_region(shift):
   np.testing.assert_allclose(grad[3], _reinforce_grad(logits, batch, 3, 0.5)[3], atol=1e-6)
 
 
-def test_demonstration_rows_take_the_anchor_weight():
-  config = _config(**{"improve.demo_weight": 0.5})
+@pytest.mark.parametrize("pg_weight", [0.0, 2.5])
+def test_the_policy_gradient_term_scales_with_pg_weight(pg_weight):
+  logits, batch = _pg_batch()
+  grad = jax.grad(lambda x: policy_gradient_loss(x, batch, 0.2, 0.5, pg_weight)[0])(logits)
+  want = _reinforce_grad(logits, batch, 3, 0.5)
+  want[:3] *= pg_weight  # Rows 0-2 are rollout rows; row 3, the demonstration, keeps its pull.
+  np.testing.assert_allclose(grad, want, atol=1e-6)
+
+
+def test_the_task_loss_takes_the_anchor_and_policy_gradient_weights():
+  config = _config(**{"improve.demo_weight": 0.5, "improve.pg_weight": 0.7})
   logits, batch = _pg_batch()
   got, rows = AgentImprove(config).loss(logits, batch)
-  want, _ = policy_gradient_loss(logits, batch, config.improve.clip, 0.5)
+  want, _ = policy_gradient_loss(logits, batch, config.improve.clip, 0.5, 0.7)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert rows == 4
 
@@ -144,7 +153,9 @@ def test_bench_agents_and_the_improvement_rounds_end_to_end(tmp_path, monkeypatc
   # A rerun resumes: the finished round is read back, nothing trains again.
   _, again = bench_agents._improved(True, tmp_path / "quick")
   assert again["rows"][1:] == rows and workdir_lib.load(workdir)[2] == 1
-  code, out, err = cli("agent", "eval", "--workdir", workdir, "--episodes", 1, "--json")
+  # A finished run still evaluates once moved (its iterations' stored rollout paths are stale).
+  moved = workdir.rename(tmp_path / "moved")
+  code, out, err = cli("agent", "eval", "--workdir", moved, "--episodes", 1, "--json")
   assert code == 0, err
   assert json.loads(out.strip().splitlines()[-1])["episodes"] == 2  # After the runs' own lines.
 

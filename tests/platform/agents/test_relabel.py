@@ -98,3 +98,71 @@ def test_planner_demonstrations_are_cached_by_what_they_depend_on(tmp_path, monk
   rebuilt = demos.cached_episodes([task], [0, 1], str(tmp_path))
   np.testing.assert_array_equal(rebuilt[1].actions, first[1].actions)
   assert demos._read_cached(path) is not None
+
+
+def _rows(n: int, value: int, demo: float) -> dict[str, np.ndarray]:
+  """n synthetic rows whose inputs are all `value` (to tell where each row came from)."""
+  ones = np.ones(n, np.float32)
+  return {
+    "inputs": np.full((n, 4), value, np.int32),
+    "targets": np.full((n, 4), value, np.int32),
+    "weights": np.ones((n, 4), np.float32),
+    "advantage": (1 - demo) * ones,
+    "demo": demo * ones,
+    "old_logp": np.zeros(n, np.float32),
+  }
+
+
+@pytest.mark.parametrize("aggregate", [False, True])
+def test_a_round_trains_on_its_labels_and_with_aggregate_on_earlier_ones(tmp_path, aggregate):
+  from fulcrum import recipes
+  from fulcrum.platform.agents import improve
+  from fulcrum.platform.selfplay import pairs as arrays_file
+
+  config = recipes.get("agent_improve")
+  with config.unlocked():
+    config.improve.aggregate = aggregate
+  arrays_file.save(tmp_path / "demos.npz", _rows(5, 9, 1.0), {})  # The planner's episodes.
+  got = []
+  for t in range(3):  # Round t: 2 policy-gradient rows, 3 + t labelled states.
+    arrays, stats = improve.training_rows(config, tmp_path, t, _rows(2, 100 + t, 0.0),
+                                          _rows(3 + t, t, 1.0), {"improve/rows": 2})  # fmt: skip
+    got.append(arrays)
+    labelled = sum(3 + s for s in range(t + 1)) if aggregate else 3 + t
+    assert stats == {"improve/rows": 2, "improve/relabelled_total": labelled}
+  sources = [sorted(set(a["inputs"][:, 0].tolist())) for a in got]
+  if aggregate:
+    assert sources == [[0, 9, 100], [0, 1, 9, 101], [0, 1, 2, 9, 102]]
+  else:
+    assert sources == [[0, 9, 100], [1, 9, 101], [2, 9, 102]]
+  last = got[2]
+  assert (last["demo"][last["inputs"][:, 0] < 100] == 1).all()  # Labels train as demonstrations.
+  assert len(last["inputs"]) == 2 + 5 + (3 + 4 + 5 if aggregate else 5)
+
+
+def test_aggregating_without_an_earlier_rounds_labels_is_refused(tmp_path):
+  from fulcrum import recipes
+  from fulcrum.platform.agents import improve
+
+  config = recipes.get("agent_improve")
+  with config.unlocked():
+    config.improve.aggregate, config.improve.demo_weight = True, 0.0
+  with pytest.raises(UserError, match="relabelled.npz is missing"):
+    improve.training_rows(config, tmp_path, 1, _rows(1, 1, 0.0), _rows(1, 1, 1.0), {})
+
+
+@pytest.mark.parametrize(
+  "settings,message",
+  [
+    ({"aggregate": True, "relabel": False}, "set improve.relabel=true"),
+    ({"pg_weight": -1.0}, "pg_weight must be >= 0"),
+    ({"pg_weight": 0.0, "demo_weight": 0.0, "relabel": False}, "nothing to train on"),
+  ],
+)
+def test_bad_dagger_settings_are_refused(settings, message):
+  from fulcrum.platform.agents import improve_config
+
+  c = improve_config.config_defaults()
+  c.update(settings)
+  with pytest.raises(ValueError, match=message):
+    improve_config.validate_config(c)

@@ -13,8 +13,9 @@ log-probabilities down without bound: measured, it collapsed the agent to 0 succ
 A being the episode's return minus its task group's leave-one-out mean. At θ = θ_t the gradient
 is REINFORCE's, −A ∇ log p_θ(action). Demonstration rows (planner episodes, and with
 `improve.relabel` the planner's action in each state the rollouts reached) add
-`improve.demo_weight` × their mean token NLL. Evaluation is behaviour cloning's (`eval/success`
-on held-out seeds, action loss on held-out demonstrations).
+`improve.demo_weight` × their mean token NLL; the policy-gradient term is scaled by
+`improve.pg_weight` (0: DAgger and demonstrations alone). Evaluation is behaviour cloning's
+(`eval/success` on held-out seeds, action loss on held-out demonstrations).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fulcrum.platform.selfplay import pairs as arrays_file
 from fulcrum.platform.training.tasks.agent_cloning import AgentCloning
 
 
-def policy_gradient_loss(logits, batch, clip: float, demo_weight: float):
+def policy_gradient_loss(logits, batch, clip: float, demo_weight: float, pg_weight: float = 1.0):
   """The clipped policy-gradient loss of a batch of rollout and demonstration rows (float32)
   and the rows it averages over. `batch` holds targets, weights (1 on the action's tokens),
   advantage, old_logp (θ_t's log-prob of the action) and demo (1 for demonstration rows)."""
@@ -46,7 +47,7 @@ def policy_gradient_loss(logits, batch, clip: float, demo_weight: float):
   pg = -jnp.where(demo, 0.0, surrogate).sum() / rollout_rows
   demo_tokens = jnp.maximum(jnp.where(demo[:, None], weights, 0.0).sum(), 1.0)
   anchor = jnp.where(demo[:, None], weights * nll, 0.0).sum() / demo_tokens
-  return pg + demo_weight * anchor, jnp.asarray(logits.shape[0], jnp.float32)
+  return pg_weight * pg + demo_weight * anchor, jnp.asarray(logits.shape[0], jnp.float32)
 
 
 class AgentImprove(AgentCloning):
@@ -54,21 +55,19 @@ class AgentImprove(AgentCloning):
 
   name = "agent_improve"
 
-  @classmethod
-  def check_config(cls, config):
-    super().check_config(config)
-    path = config.improve.rollouts
-    if path and not epath.Path(path).exists():
-      raise UserError(
-        f"improve.rollouts={path} does not exist; the improvement driver writes it (run the "
-        "agent_improve recipe's top-level workdir, not an iteration's)"
-      )
-
   def train_iterator(self, process_index, process_count):
-    if not self.config.improve.rollouts:
+    # Checked here, not in check_config: a finished iteration (e.g. a moved workdir, whose
+    # stored path is stale) still loads for evaluation without its rollout file.
+    path = self.config.improve.rollouts
+    if not path:
       raise UserError(
         "this is an improvement run's top-level config; its iterations train in "
         "WORKDIR/iterations/T"
+      )
+    if not epath.Path(path).exists():
+      raise UserError(
+        f"improve.rollouts={path} does not exist; the improvement driver writes it (run the "
+        "agent_improve recipe's top-level workdir, not an iteration's)"
       )
     arrays, _ = arrays_file.load(self.config.improve.rollouts)
     t = self.config.train
@@ -83,7 +82,7 @@ class AgentImprove(AgentCloning):
     if "advantage" not in batch:  # Evaluation's demonstration batches.
       return super().loss(outputs, batch)
     i = self.config.improve
-    return policy_gradient_loss(outputs, batch, i.clip, i.demo_weight)
+    return policy_gradient_loss(outputs, batch, i.clip, i.demo_weight, i.pg_weight)
 
   def summary(self):
     i = self.config.improve

@@ -25,20 +25,18 @@ class Spin(Instruct):
 
   name = "spin"
 
-  @classmethod
-  def check_config(cls, config):
-    super().check_config(config)
-    path = config.spin.pairs
-    if path and not epath.Path(path).exists():
+  def _arrays(self) -> dict[str, np.ndarray]:
+    # Checked here, not in check_config: a finished iteration (e.g. a moved workdir, whose
+    # stored path is stale) still loads for evaluation and decoding without its pairs file.
+    path = self.config.spin.pairs
+    if not path:
+      raise UserError(
+        "this is a SPIN run's top-level config; its iterations train in WORKDIR/iterations/T"
+      )
+    if not epath.Path(path).exists():
       raise UserError(
         f"spin.pairs={path} does not exist; the SPIN driver writes it (run the spin recipe's "
         "top-level workdir, not an iteration's)"
-      )
-
-  def _arrays(self) -> dict[str, np.ndarray]:
-    if not self.config.spin.pairs:
-      raise UserError(
-        "this is a SPIN run's top-level config; its iterations train in WORKDIR/iterations/T"
       )
     arrays, _ = pairs_lib.load(self.config.spin.pairs)
     return arrays
