@@ -23,6 +23,7 @@ from etils import epath
 from fulcrum.platform.data import instruct, instruct_pipeline
 from fulcrum.platform.decode.autoregressive import Sample
 from fulcrum.platform.decode.sampling import Sampling
+from fulcrum.platform.errors import UserError
 from fulcrum.platform.files import write_atomic
 from fulcrum.platform.selfplay.loss import sequence_logprobs
 from fulcrum.platform.training.tasks import instruction_following as instruct_task
@@ -143,3 +144,20 @@ def load(path: epath.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     arrays = {k: data[k] for k in data.files if k != "meta"}
     meta = json.loads(data["meta"].tobytes().decode()) if "meta" in data.files else {}
   return arrays, meta
+
+
+def load_iteration_rows(path: str, key: str, run: str, recipe: str) -> dict[str, np.ndarray]:
+  """The arrays an iteration of a driven run (SPIN, agent improvement) trains on, named by its
+  config `key` = `path`; one line when this is the top-level config or the file is missing.
+  Checked when the rows are read, not when the config is: a finished iteration (a moved workdir
+  holds a stale path) still loads for evaluation and decoding."""
+  if not path:
+    raise UserError(
+      f"this is {run} run's top-level config; its iterations train in WORKDIR/iterations/T"
+    )
+  if not epath.Path(path).exists():
+    raise UserError(
+      f"{key}={path} does not exist; the {recipe} driver writes it (run the {recipe} recipe's "
+      "top-level workdir, not an iteration's)"
+    )
+  return load(path)[0]

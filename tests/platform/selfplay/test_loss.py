@@ -121,3 +121,29 @@ def test_encode_row_masks_the_prompt():
   np.testing.assert_array_equal(targets[:5], [6, 7, 8, 9, 0])
   # Targets 8, 9 and EOS (positions 2..4) are the response; 6, 7 are the prompt.
   np.testing.assert_array_equal(weights, [0, 0, 1, 1, 1, 0, 0, 0])
+
+
+@pytest.mark.parametrize(
+  "recipe,key", [("spin", "spin.pairs"), ("agent_improve", "improve.rollouts")]
+)
+def test_an_iterations_rows_are_checked_when_read_not_when_its_config_is(tmp_path, recipe, key):
+  """A finished iteration whose rows file is gone (a moved workdir keeps a stale absolute path)
+  still passes its task's config check, so it loads for evaluation; training it is refused in
+  one line, and the rows load when present."""
+  from fulcrum import recipes
+  from fulcrum.platform.errors import UserError
+  from fulcrum.platform.training import tasks
+
+  config = recipes.get(recipe)
+  section, field = key.split(".")
+  with config.unlocked():
+    config[section][field] = str(tmp_path / "moved_away.npz")
+  tasks.validate(config)  # Before: "does not exist" here, so a moved run could not evaluate.
+  with pytest.raises(UserError, match=f"{key}=.*does not exist"):
+    pairs.load_iteration_rows(config[section][field], key, "a run", recipe)
+  with pytest.raises(UserError, match="top-level config"):
+    pairs.load_iteration_rows("", key, "a run", recipe)
+  rows = {"inputs": np.arange(6, dtype=np.int32).reshape(2, 3)}
+  pairs.save(tmp_path / "moved_away.npz", rows, {})
+  got = pairs.load_iteration_rows(config[section][field], key, "a run", recipe)
+  np.testing.assert_array_equal(got["inputs"], rows["inputs"])

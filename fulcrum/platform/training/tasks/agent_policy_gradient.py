@@ -23,10 +23,8 @@ from __future__ import annotations
 import grain
 import jax.numpy as jnp
 import optax
-from etils import epath
 
 from fulcrum.platform.data import instruct_pipeline
-from fulcrum.platform.errors import UserError
 from fulcrum.platform.selfplay import pairs as arrays_file
 from fulcrum.platform.training.tasks.agent_cloning import AgentCloning
 
@@ -56,20 +54,9 @@ class AgentImprove(AgentCloning):
   name = "agent_improve"
 
   def train_iterator(self, process_index, process_count):
-    # Checked here, not in check_config: a finished iteration (e.g. a moved workdir, whose
-    # stored path is stale) still loads for evaluation without its rollout file.
-    path = self.config.improve.rollouts
-    if not path:
-      raise UserError(
-        "this is an improvement run's top-level config; its iterations train in "
-        "WORKDIR/iterations/T"
-      )
-    if not epath.Path(path).exists():
-      raise UserError(
-        f"improve.rollouts={path} does not exist; the improvement driver writes it (run the "
-        "agent_improve recipe's top-level workdir, not an iteration's)"
-      )
-    arrays, _ = arrays_file.load(self.config.improve.rollouts)
+    arrays = arrays_file.load_iteration_rows(
+      self.config.improve.rollouts, "improve.rollouts", "an improvement", "agent_improve"
+    )
     t = self.config.train
     source = grain.MapDataset.source(instruct_pipeline.ArrayRows(arrays))
     fingerprint = {"source": f"rollouts {self.config.improve.rollouts}", "rows": len(source)}

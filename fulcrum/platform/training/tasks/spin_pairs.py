@@ -11,10 +11,8 @@ from __future__ import annotations
 import grain
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
 from fulcrum.platform.data import instruct_pipeline
-from fulcrum.platform.errors import UserError
 from fulcrum.platform.selfplay import pairs as pairs_lib
 from fulcrum.platform.selfplay.loss import margin, sequence_logprobs, spin_loss
 from fulcrum.platform.training.tasks.instruction_following import Instruct
@@ -26,20 +24,7 @@ class Spin(Instruct):
   name = "spin"
 
   def _arrays(self) -> dict[str, np.ndarray]:
-    # Checked here, not in check_config: a finished iteration (e.g. a moved workdir, whose
-    # stored path is stale) still loads for evaluation and decoding without its pairs file.
-    path = self.config.spin.pairs
-    if not path:
-      raise UserError(
-        "this is a SPIN run's top-level config; its iterations train in WORKDIR/iterations/T"
-      )
-    if not epath.Path(path).exists():
-      raise UserError(
-        f"spin.pairs={path} does not exist; the SPIN driver writes it (run the spin recipe's "
-        "top-level workdir, not an iteration's)"
-      )
-    arrays, _ = pairs_lib.load(self.config.spin.pairs)
-    return arrays
+    return pairs_lib.load_iteration_rows(self.config.spin.pairs, "spin.pairs", "a SPIN", "spin")
 
   def train_iterator(self, process_index, process_count):
     t = self.config.train
